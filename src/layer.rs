@@ -1,0 +1,381 @@
+//! [`JemallocLayer`] and its builder.
+
+use crate::service::JemallocService;
+use opentelemetry::metrics::{Meter, MeterProvider};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use std::fmt;
+use std::sync::Arc;
+use tower::Layer;
+
+/// The default path of the Prometheus endpoint.
+pub const DEFAULT_METRICS_PATH: &str = "/metrics";
+/// The default path of the purge endpoint.
+pub const DEFAULT_PURGE_PATH: &str = "/debug/jemalloc/purge";
+
+/// The instrumentation scope the layer's own meter uses (`otel_scope_name` in Prometheus).
+const SCOPE_NAME: &str = "tower-jemalloc";
+
+/// A [`Layer`] that answers `GET /metrics` and `POST|PUT /debug/jemalloc/purge` itself and
+/// forwards every other request to the service it wraps, untouched.
+///
+/// Cloning is cheap: the registry, meter provider and configuration live behind an `Arc`.
+///
+/// # Where to put it
+///
+/// Outermost, around the whole application (`layer.layer(router)` in axum,
+/// `Server::builder().layer(..)` in tonic), so that its paths answer whatever the router does.
+/// axum's `Router::layer` only wraps matched routes and `route_layer` even less: a layer added
+/// there never sees `/metrics` unless the router has such a route.
+///
+/// # Example
+///
+/// ```
+/// use http::{Request, Response, StatusCode};
+/// use http_body_util::Full;
+/// use bytes::Bytes;
+/// use tower::{service_fn, ServiceBuilder, ServiceExt, Service};
+/// use tower_jemalloc::JemallocLayer;
+///
+/// #[global_allocator]
+/// static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let layer = JemallocLayer::builder().namespace("restate").build()?;
+/// let mut service = ServiceBuilder::new().layer(layer).service_fn(|_req: Request<Full<Bytes>>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
+/// });
+///
+/// let request = Request::get("/metrics").body(Full::default())?;
+/// let response = service.ready().await?.call(request).await?;
+/// assert_eq!(response.status(), StatusCode::OK);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct JemallocLayer {
+    shared: Arc<Shared>,
+}
+
+/// What every [`JemallocService`] made by one layer shares.
+pub(crate) struct Shared {
+    pub(crate) metrics_path: Option<Box<str>>,
+    pub(crate) purge_path: Option<Box<str>>,
+    pub(crate) registry: prometheus::Registry,
+    /// The provider the layer created (zero-config); `None` when the user brought their own.
+    provider: Option<SdkMeterProvider>,
+}
+
+impl JemallocLayer {
+    /// A layer with the defaults: its own Prometheus registry, exporter and meter provider, no
+    /// namespace (`jemalloc_allocated_bytes`, …), `/metrics` and `/debug/jemalloc/purge`.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: building the default configuration can only fail if the
+    /// OpenTelemetry exporter cannot register itself in a registry it has just created.
+    /// Use [`JemallocLayer::builder`] to handle every error.
+    pub fn new() -> Self {
+        Self::builder()
+            .build()
+            .expect("the default JemallocLayer configuration is valid")
+    }
+
+    /// A builder to choose the namespace, paths, or bring your own registry.
+    pub fn builder() -> JemallocLayerBuilder {
+        JemallocLayerBuilder::default()
+    }
+
+    /// The Prometheus registry `/metrics` serves.
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.shared.registry
+    }
+
+    /// The meter provider the layer created, so the application can record its own metrics
+    /// and have them served on `/metrics` too. `None` when the registry was brought with
+    /// [`JemallocLayerBuilder::registry`].
+    pub fn meter_provider(&self) -> Option<&SdkMeterProvider> {
+        self.shared.provider.as_ref()
+    }
+}
+
+impl Default for JemallocLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for JemallocLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JemallocLayer")
+            .field("metrics_path", &self.shared.metrics_path)
+            .field("purge_path", &self.shared.purge_path)
+            .field("owns_provider", &self.shared.provider.is_some())
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for JemallocLayer {
+    type Service = JemallocService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        JemallocService::new(inner, Arc::clone(&self.shared))
+    }
+}
+
+/// Builds a [`JemallocLayer`]. Made by [`JemallocLayer::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct JemallocLayerBuilder {
+    namespace: Option<String>,
+    metrics_path: Option<String>,
+    purge_path: Option<String>,
+    registry: Option<(prometheus::Registry, Meter)>,
+}
+
+impl Default for JemallocLayerBuilder {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            metrics_path: Some(DEFAULT_METRICS_PATH.to_owned()),
+            purge_path: Some(DEFAULT_PURGE_PATH.to_owned()),
+            registry: None,
+        }
+    }
+}
+
+impl JemallocLayerBuilder {
+    /// Prefixes every exported name: with `"restate"` the gauges are
+    /// `restate_jemalloc_allocated_bytes`, …. Only for the registry the layer creates; a
+    /// registry brought with [`registry`](Self::registry) has its namespace set on its own
+    /// exporter.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Serves the Prometheus text exposition on `path` instead of `/metrics`.
+    pub fn metrics_path(mut self, path: impl Into<String>) -> Self {
+        self.metrics_path = Some(path.into());
+        self
+    }
+
+    /// Does not intercept any metrics path: every such request is forwarded.
+    pub fn without_metrics(mut self) -> Self {
+        self.metrics_path = None;
+        self
+    }
+
+    /// Serves the purge endpoint on `path` instead of `/debug/jemalloc/purge`.
+    pub fn purge_path(mut self, path: impl Into<String>) -> Self {
+        self.purge_path = Some(path.into());
+        self
+    }
+
+    /// Does not intercept any purge path: every such request is forwarded.
+    pub fn without_purge(mut self) -> Self {
+        self.purge_path = None;
+        self
+    }
+
+    /// Serves `registry` (already wired to your `opentelemetry-prometheus` exporter and meter
+    /// provider) instead of creating one, and registers the jemalloc gauges on `meter`, a meter
+    /// of that provider. Your application's own metrics then appear beside the gauges.
+    ///
+    /// ```
+    /// use opentelemetry::metrics::MeterProvider;
+    /// use opentelemetry_sdk::metrics::SdkMeterProvider;
+    /// use tower_jemalloc::JemallocLayer;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let registry = prometheus::Registry::new();
+    /// let exporter = opentelemetry_prometheus::exporter()
+    ///     .with_registry(registry.clone())
+    ///     .with_namespace("restate")
+    ///     .build()?;
+    /// let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+    ///
+    /// let layer = JemallocLayer::builder()
+    ///     .registry(registry, provider.meter("tower-jemalloc"))
+    ///     .build()?;
+    /// provider.meter("my-app").u64_counter("requests").build().add(1, &[]);
+    /// # drop(layer);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn registry(mut self, registry: prometheus::Registry, meter: Meter) -> Self {
+        self.registry = Some((registry, meter));
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    ///
+    /// When jemalloc's statistics cannot be read in this process (it is not the global
+    /// allocator, or not compiled in), the layer is still built: the gauges are left out (a
+    /// warning is logged once) and the purge endpoint answers 503 (501 without jemalloc).
+    ///
+    /// # Errors
+    ///
+    /// A [`BuildError`] naming the bad setting: a path that is not an absolute path, the two
+    /// paths being equal, an invalid namespace, a namespace given with your own registry, or
+    /// the exporter failing to register.
+    pub fn build(self) -> Result<JemallocLayer, BuildError> {
+        let metrics_path = self.metrics_path.map(validate_path).transpose()?;
+        let purge_path = self.purge_path.map(validate_path).transpose()?;
+        if metrics_path.is_some() && metrics_path == purge_path {
+            return Err(BuildError::SamePath(metrics_path.unwrap_or_default().into()));
+        }
+        if let Some(namespace) = &self.namespace {
+            validate_namespace(namespace)?;
+        }
+
+        let (registry, meter, provider) = match (self.registry, self.namespace) {
+            (Some(_), Some(namespace)) => return Err(BuildError::NamespaceWithRegistry(namespace)),
+            (Some((registry, meter)), None) => (registry, meter, None),
+            (None, namespace) => {
+                let registry = prometheus::Registry::new();
+                let mut exporter = opentelemetry_prometheus::exporter().with_registry(registry.clone());
+                if let Some(namespace) = namespace {
+                    exporter = exporter.with_namespace(namespace);
+                }
+                let exporter = exporter
+                    .build()
+                    .map_err(|e| BuildError::Exporter(e.to_string()))?;
+                let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+                let meter = provider.meter_with_scope(
+                    opentelemetry::InstrumentationScope::builder(SCOPE_NAME)
+                        .with_version(env!("CARGO_PKG_VERSION"))
+                        .build(),
+                );
+                (registry, meter, Some(provider))
+            }
+        };
+        // Without jemalloc the gauges are left out; `ctl` has logged why, once.
+        let _ = crate::metrics::register_instruments(&meter);
+
+        Ok(JemallocLayer {
+            shared: Arc::new(Shared {
+                metrics_path,
+                purge_path,
+                registry,
+                provider,
+            }),
+        })
+    }
+}
+
+fn validate_path(path: String) -> Result<Box<str>, BuildError> {
+    let reason = if !path.starts_with('/') {
+        Some("must start with '/'")
+    } else if path.contains(['?', '#']) {
+        Some("must not contain a query ('?') or fragment ('#')")
+    } else if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("must not contain whitespace or control characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(BuildError::InvalidPath { path, reason }),
+        None => Ok(path.into_boxed_str()),
+    }
+}
+
+/// A Prometheus metric name prefix: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+fn validate_namespace(namespace: &str) -> Result<(), BuildError> {
+    let mut chars = namespace.chars();
+    let valid_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':');
+    if valid_first && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+        Ok(())
+    } else {
+        Err(BuildError::InvalidNamespace(namespace.to_owned()))
+    }
+}
+
+/// Why [`JemallocLayerBuilder::build`] refused a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A path is not an absolute URI path.
+    InvalidPath {
+        /// The path as given.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The metrics and purge paths are the same.
+    SamePath(String),
+    /// The namespace is not a valid Prometheus name prefix (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+    InvalidNamespace(String),
+    /// A namespace was given together with your own registry; set it on your exporter instead.
+    NamespaceWithRegistry(String),
+    /// The OpenTelemetry Prometheus exporter could not be built.
+    Exporter(String),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidPath { path, reason } => write!(f, "invalid path {path:?}: {reason}"),
+            Self::SamePath(path) => {
+                write!(f, "the metrics and purge paths are both {path:?}")
+            }
+            Self::InvalidNamespace(ns) => write!(
+                f,
+                "invalid namespace {ns:?}: must match [a-zA-Z_:][a-zA-Z0-9_:]*"
+            ),
+            Self::NamespaceWithRegistry(ns) => write!(
+                f,
+                "namespace {ns:?} given with your own registry: set it on your exporter instead"
+            ),
+            Self::Exporter(e) => write!(f, "cannot build the Prometheus exporter: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_configuration() {
+        let err = JemallocLayer::builder().metrics_path("metrics").build();
+        assert!(matches!(err, Err(BuildError::InvalidPath { .. })), "{err:?}");
+        let err = JemallocLayer::builder().purge_path("/a?b").build();
+        assert!(matches!(err, Err(BuildError::InvalidPath { .. })), "{err:?}");
+        let err = JemallocLayer::builder()
+            .metrics_path("/x")
+            .purge_path("/x")
+            .build();
+        assert_eq!(err.unwrap_err(), BuildError::SamePath("/x".into()));
+        let err = JemallocLayer::builder().namespace("1abc").build();
+        assert_eq!(err.unwrap_err(), BuildError::InvalidNamespace("1abc".into()));
+        let err = JemallocLayer::builder().namespace("").build();
+        assert_eq!(err.unwrap_err(), BuildError::InvalidNamespace("".into()));
+
+        let provider = SdkMeterProvider::builder().build();
+        let err = JemallocLayer::builder()
+            .namespace("x")
+            .registry(prometheus::Registry::new(), provider.meter("m"))
+            .build();
+        assert_eq!(
+            err.unwrap_err(),
+            BuildError::NamespaceWithRegistry("x".into())
+        );
+    }
+
+    #[test]
+    fn both_endpoints_can_be_switched_off() {
+        let layer = JemallocLayer::builder()
+            .without_metrics()
+            .without_purge()
+            .build()
+            .unwrap();
+        assert!(layer.shared.metrics_path.is_none());
+        assert!(layer.shared.purge_path.is_none());
+    }
+}

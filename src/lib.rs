@@ -1,0 +1,125 @@
+//! Allocator observability for any tower HTTP service, in one layer.
+//!
+//! Wrap a service (an axum `Router`, a tonic server, a hyper service) in a [`JemallocLayer`]
+//! and it gains:
+//!
+//! - `GET /metrics`: the Prometheus text exposition of an `opentelemetry-prometheus` exporter,
+//!   with jemalloc's gauges (`jemalloc_{allocated,active,metadata,mapped,retained,resident,
+//!   dirty,muzzy}_bytes`, prefixed by a namespace if you set one) registered as OpenTelemetry
+//!   observable instruments, and whatever else your application records through the same meter
+//!   provider. `HEAD` is answered too; other methods get a 405.
+//! - `POST|PUT /debug/jemalloc/purge`: returns the unused dirty pages of all arenas to the OS
+//!   and answers with a JSON [`PurgeReport`] (statistics before and after). The purge runs on
+//!   a dedicated thread, never on an async worker, and only one runs at a time (409 otherwise).
+//!
+//! Every other request goes to the inner service untouched.
+//!
+//! # Quick start
+//!
+//! jemalloc must be the process's global allocator, or the figures would describe nothing:
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_jemalloc::JemallocLayer;
+//!
+//! #[global_allocator]
+//! static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let mut app = ServiceBuilder::new()
+//!     .layer(JemallocLayer::builder().namespace("restate").build()?)
+//!     .service_fn(|_req: Request<Full<Bytes>>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
+//!     });
+//!
+//! let response = app.ready().await?.call(Request::get("/metrics").body(Full::default())?).await?;
+//! let text = response.into_body().collect().await?.to_bytes();
+//! let text = std::str::from_utf8(&text)?;
+//! assert!(text.contains("# TYPE restate_jemalloc_allocated_bytes gauge"));
+//!
+//! let response = app.ready().await?.call(Request::get("/").body(Full::default())?).await?;
+//! assert_eq!(response.into_body().collect().await?.to_bytes(), "hello");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With axum, wrap the whole router (not `Router::layer`, which only sees matched routes):
+//!
+//! ```no_run
+//! use axum::{routing::get, Router, ServiceExt};
+//! use tower::Layer;
+//! use tower_jemalloc::JemallocLayer;
+//!
+//! #[global_allocator]
+//! static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+//!
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let router = Router::new().route("/", get(|| async { "hello" }));
+//!     let app = JemallocLayer::new().layer(router);
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:9070").await?;
+//!     axum::serve(listener, app.into_make_service()).await
+//! }
+//! ```
+//!
+//! # Without jemalloc
+//!
+//! On targets where jemalloc does not build (MSVC), or with the default `jemalloc` feature
+//! off, the crate still compiles: `/metrics` serves the registry without jemalloc gauges and
+//! the purge endpoint answers 501. When jemalloc is compiled in but is not the global allocator,
+//! the gauges are left out (no misleading zeros; a warning is logged once) and purge answers
+//! 503.
+#![deny(missing_docs, unreachable_pub, unsafe_code)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+
+mod body;
+mod ctl;
+#[cfg(jemalloc)]
+mod fault;
+mod future;
+mod layer;
+mod metrics;
+mod purge;
+mod response;
+mod service;
+mod stats;
+
+pub use body::ResponseBody;
+pub use future::ResponseFuture;
+pub use layer::{
+    BuildError, JemallocLayer, JemallocLayerBuilder, DEFAULT_METRICS_PATH, DEFAULT_PURGE_PATH,
+};
+pub use metrics::register_instruments;
+pub use purge::{purge_all_arenas, PurgeError, PurgeReport};
+pub use service::JemallocService;
+pub use stats::{JemallocError, JemallocStats};
+
+/// The jemalloc global allocator, re-exported so that the allocator and the statistics this
+/// crate reads come from the same jemalloc build:
+///
+/// ```
+/// #[global_allocator]
+/// static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+/// ```
+///
+/// Only with the `jemalloc` feature (on by default) on targets other than MSVC.
+#[cfg(jemalloc)]
+pub mod allocator {
+    pub use tikv_jemallocator::Jemalloc;
+}
+
+#[cfg(jemalloc)]
+#[doc(hidden)]
+pub mod __private {
+    //! Test seams. Not part of the public API; may change in any release.
+    pub use crate::fault::{clear as clear_faults, fail_key};
+}
+
+// The unit tests exercise jemalloc's real statistics, so jemalloc is their global allocator.
+#[cfg(all(test, jemalloc))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
