@@ -91,10 +91,7 @@ mod imp {
             let mut purge = [0usize; 3];
             raw::name_to_mib(b"arena.4096.purge\0", &mut purge).map_err(err(PURGE_KEY))?;
             debug_assert_eq!(purge[1], MALLCTL_ARENAS_ALL);
-            let page: usize = b"arenas.page\0"
-                .name()
-                .read()
-                .map_err(err("arenas.page"))?;
+            let page: usize = b"arenas.page\0".name().read().map_err(err("arenas.page"))?;
             Ok(Self {
                 epoch: epoch::mib().map_err(err("epoch"))?,
                 allocated: stats::allocated::mib().map_err(err("stats.allocated"))?,

@@ -60,7 +60,9 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
             Kind::Local { .. } => "Local",
             Kind::Pending { .. } => "Pending",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }
 

@@ -224,7 +224,9 @@ impl JemallocLayerBuilder {
         let metrics_path = self.metrics_path.map(validate_path).transpose()?;
         let purge_path = self.purge_path.map(validate_path).transpose()?;
         if metrics_path.is_some() && metrics_path == purge_path {
-            return Err(BuildError::SamePath(metrics_path.unwrap_or_default().into()));
+            return Err(BuildError::SamePath(
+                metrics_path.unwrap_or_default().into(),
+            ));
         }
         if let Some(namespace) = &self.namespace {
             validate_namespace(namespace)?;
@@ -235,7 +237,8 @@ impl JemallocLayerBuilder {
             (Some((registry, meter)), None) => (registry, meter, None),
             (None, namespace) => {
                 let registry = prometheus::Registry::new();
-                let mut exporter = opentelemetry_prometheus::exporter().with_registry(registry.clone());
+                let mut exporter =
+                    opentelemetry_prometheus::exporter().with_registry(registry.clone());
                 if let Some(namespace) = namespace {
                     exporter = exporter.with_namespace(namespace);
                 }
@@ -344,16 +347,25 @@ mod tests {
     #[test]
     fn rejects_bad_configuration() {
         let err = JemallocLayer::builder().metrics_path("metrics").build();
-        assert!(matches!(err, Err(BuildError::InvalidPath { .. })), "{err:?}");
+        assert!(
+            matches!(err, Err(BuildError::InvalidPath { .. })),
+            "{err:?}"
+        );
         let err = JemallocLayer::builder().purge_path("/a?b").build();
-        assert!(matches!(err, Err(BuildError::InvalidPath { .. })), "{err:?}");
+        assert!(
+            matches!(err, Err(BuildError::InvalidPath { .. })),
+            "{err:?}"
+        );
         let err = JemallocLayer::builder()
             .metrics_path("/x")
             .purge_path("/x")
             .build();
         assert_eq!(err.unwrap_err(), BuildError::SamePath("/x".into()));
         let err = JemallocLayer::builder().namespace("1abc").build();
-        assert_eq!(err.unwrap_err(), BuildError::InvalidNamespace("1abc".into()));
+        assert_eq!(
+            err.unwrap_err(),
+            BuildError::InvalidNamespace("1abc".into())
+        );
         let err = JemallocLayer::builder().namespace("").build();
         assert_eq!(err.unwrap_err(), BuildError::InvalidNamespace("".into()));
 

@@ -47,11 +47,12 @@
 //! # }
 //! ```
 //!
-//! With axum, wrap the whole router (not `Router::layer`, which only sees matched routes):
+//! With axum, wrap the whole router, so that `/metrics` answers whatever the routes are.
+//! `axum::serve` wants axum's own response type, hence the `map_response`:
 //!
 //! ```no_run
-//! use axum::{routing::get, Router, ServiceExt};
-//! use tower::Layer;
+//! use axum::{extract::Request, response::IntoResponse, routing::get, Router};
+//! use tower::{Layer, ServiceExt};
 //! use tower_jemalloc::JemallocLayer;
 //!
 //! #[global_allocator]
@@ -60,11 +61,19 @@
 //! #[tokio::main]
 //! async fn main() -> std::io::Result<()> {
 //!     let router = Router::new().route("/", get(|| async { "hello" }));
-//!     let app = JemallocLayer::new().layer(router);
+//!     let app = ServiceExt::<Request>::map_response(
+//!         JemallocLayer::new().layer(router),
+//!         IntoResponse::into_response,
+//!     );
 //!     let listener = tokio::net::TcpListener::bind("127.0.0.1:9070").await?;
-//!     axum::serve(listener, app.into_make_service()).await
+//!     axum::serve(listener, axum::ServiceExt::<Request>::into_make_service(app)).await
 //! }
 //! ```
+//!
+//! `router.layer(JemallocLayer::new())` works too (axum 0.8 applies `Router::layer` to the
+//! fallback as well, so unmatched paths reach the layer), but it runs after routing: a router
+//! nested under a prefix sees the path without that prefix. `route_layer` never sees unmatched
+//! paths and does not work.
 //!
 //! # Without jemalloc
 //!

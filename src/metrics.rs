@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex};
 /// Instrument name (before the exporter adds namespace and `_bytes`) and help text, in the
 /// order of [`JemallocStats::FIELDS`].
 pub(crate) const GAUGES: [(&str, &str); 8] = [
-    ("jemalloc.allocated", "Total bytes allocated by the application"),
+    (
+        "jemalloc.allocated",
+        "Total bytes allocated by the application",
+    ),
     (
         "jemalloc.active",
         "Total bytes in active pages (multiple of page size)",
@@ -166,7 +169,11 @@ pub(crate) fn respond(
         Err(reason) => return crate::response::text(StatusCode::INTERNAL_SERVER_ERROR, reason),
     };
     let length = text.len();
-    let body = if head { bytes::Bytes::new() } else { text.into() };
+    let body = if head {
+        bytes::Bytes::new()
+    } else {
+        text.into()
+    };
     let mut response = http::Response::new(http_body_util::Full::new(body));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type()));

@@ -151,61 +151,6 @@ pub(crate) fn run(ctl: &Ctl) -> Result<PurgeReport, JemallocError> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stats(resident: u64) -> JemallocStats {
-        JemallocStats {
-            resident,
-            ..JemallocStats::default()
-        }
-    }
-
-    #[test]
-    fn released_bytes_saturates() {
-        let grew = PurgeReport {
-            before: stats(10),
-            after: stats(20),
-            arenas_purged: 1,
-            duration: Duration::ZERO,
-        };
-        assert_eq!(grew.released_bytes(), 0);
-        let shrank = PurgeReport {
-            before: stats(20),
-            after: stats(5),
-            ..grew
-        };
-        assert_eq!(shrank.released_bytes(), 15);
-    }
-
-    #[test]
-    fn json_keeps_restate_shape() {
-        let report = PurgeReport {
-            before: stats(4096),
-            after: stats(1024),
-            arenas_purged: 3,
-            duration: Duration::from_millis(250),
-        };
-        let json = report.to_json();
-        assert!(json.starts_with(r#"{"before":{"allocated":0,"#), "{json}");
-        assert!(
-            json.ends_with(
-                r#""arenas_purged":3,"released_bytes":3072,"duration_seconds":0.25}"#
-            ),
-            "{json}"
-        );
-    }
-
-    #[test]
-    fn guard_is_single_flight() {
-        let first = PurgeGuard::acquire().expect("free at start");
-        assert!(PurgeGuard::acquire().is_none());
-        drop(first);
-        assert!(PurgeGuard::acquire().is_some());
-    }
-}
-
 /// Answers a request on the purge path: `POST`/`PUT` start a purge on a dedicated thread and
 /// resolve when it reports; anything else is a 405. The request body is never read.
 pub(crate) fn respond<F>(method: &http::Method, path: &str) -> crate::future::ResponseFuture<F> {
@@ -248,5 +193,58 @@ pub(crate) fn respond<F>(method: &http::Method, path: &str) -> crate::future::Re
             StatusCode::INTERNAL_SERVER_ERROR,
             format_args!("cannot start the purge thread: {e}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(resident: u64) -> JemallocStats {
+        JemallocStats {
+            resident,
+            ..JemallocStats::default()
+        }
+    }
+
+    #[test]
+    fn released_bytes_saturates() {
+        let grew = PurgeReport {
+            before: stats(10),
+            after: stats(20),
+            arenas_purged: 1,
+            duration: Duration::ZERO,
+        };
+        assert_eq!(grew.released_bytes(), 0);
+        let shrank = PurgeReport {
+            before: stats(20),
+            after: stats(5),
+            ..grew
+        };
+        assert_eq!(shrank.released_bytes(), 15);
+    }
+
+    #[test]
+    fn json_keeps_restate_shape() {
+        let report = PurgeReport {
+            before: stats(4096),
+            after: stats(1024),
+            arenas_purged: 3,
+            duration: Duration::from_millis(250),
+        };
+        let json = report.to_json();
+        assert!(json.starts_with(r#"{"before":{"allocated":0,"#), "{json}");
+        assert!(
+            json.ends_with(r#""arenas_purged":3,"released_bytes":3072,"duration_seconds":0.25}"#),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn guard_is_single_flight() {
+        let first = PurgeGuard::acquire().expect("free at start");
+        assert!(PurgeGuard::acquire().is_none());
+        drop(first);
+        assert!(PurgeGuard::acquire().is_some());
     }
 }

@@ -71,6 +71,13 @@ impl JemallocStats {
         ]
     }
 
+    /// This snapshot as a flat JSON object of integers: `{"allocated":1,"active":2,…}`.
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(192);
+        self.write_json(&mut out);
+        out
+    }
+
     /// Appends this snapshot as a flat JSON object (`{"allocated":1,…}`) to `out`.
     pub(crate) fn write_json(&self, out: &mut String) {
         use fmt::Write;
@@ -150,10 +157,8 @@ mod tests {
             dirty: 7,
             muzzy: 8,
         };
-        let mut out = String::new();
-        stats.write_json(&mut out);
         assert_eq!(
-            out,
+            stats.to_json(),
             r#"{"allocated":1,"active":2,"metadata":3,"mapped":4,"retained":5,"resident":6,"dirty":7,"muzzy":8}"#
         );
     }

@@ -1,0 +1,171 @@
+//! An axum application wrapped in the layer, with a route that churns memory so you can watch
+//! resident memory grow and then purge it.
+//!
+//! ```text
+//! cargo run --release --example server [-- --addr 127.0.0.1:9070 --namespace NAME]
+//! curl -s localhost:9070/metrics | grep jemalloc
+//! curl -s -X POST 'localhost:9070/demo/churn?mib=512'
+//! curl -s -X POST localhost:9070/debug/jemalloc/purge
+//! ```
+
+use axum::extract::RawQuery;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{extract::Request, Router};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+use tower::{Layer, ServiceExt};
+use tower_jemalloc::{JemallocLayer, JemallocStats};
+
+#[global_allocator]
+static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+
+const USAGE: &str = "usage: server [--addr HOST:PORT] [--namespace NAME]
+  --addr HOST:PORT   address to listen on (default 127.0.0.1:9070)
+  --namespace NAME   prefix of every exported metric name (default: none)";
+
+struct Args {
+    addr: SocketAddr,
+    namespace: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        addr: SocketAddr::from(([127, 0, 0, 1], 9070)),
+        namespace: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match flag.as_str() {
+            "--addr" => {
+                let addr = value("--addr")?;
+                args.addr = addr
+                    .parse()
+                    .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
+            }
+            "--namespace" => args.namespace = Some(value("--namespace")?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args().unwrap_or_else(|e| {
+        eprintln!("error: {e}\n{USAGE}");
+        std::process::exit(2);
+    });
+
+    let mut builder = JemallocLayer::builder();
+    if let Some(namespace) = &args.namespace {
+        builder = builder.namespace(namespace);
+    }
+    let layer = builder.build().unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    });
+
+    let router = Router::new()
+        .route(
+            "/",
+            get(|| async { "tower-jemalloc example server: try /metrics\n" }),
+        )
+        .route("/demo/churn", post(churn))
+        .with_state(Arc::new(Semaphore::new(1)));
+    // Wrap the whole router so /metrics answers whatever the routes are. axum::serve wants
+    // axum's own response type, hence the map_response.
+    let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
+
+    let listener = match tokio::net::TcpListener::bind(args.addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.addr);
+            std::process::exit(1);
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    println!("listening on http://{addr}");
+    println!("  curl -s http://{addr}/metrics | grep jemalloc");
+    println!("  curl -s -X POST 'http://{addr}/demo/churn?mib=512'");
+    println!("  curl -s -X POST http://{addr}/debug/jemalloc/purge");
+
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down");
+    };
+    if let Err(e) = axum::serve(
+        listener,
+        axum::ServiceExt::<Request>::into_make_service(app),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    {
+        eprintln!("error: server failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `POST /demo/churn?mib=N`: allocates N MiB in 1 KiB blocks, touches them, frees them, and
+/// answers the stats before, while held, and after. One churn at a time.
+async fn churn(
+    axum::extract::State(slot): axum::extract::State<Arc<Semaphore>>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let mib = match parse_mib(query.as_deref()) {
+        Ok(mib) => mib,
+        Err(reason) => return (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response(),
+    };
+    let Ok(_permit) = slot.try_acquire() else {
+        return (StatusCode::CONFLICT, "a churn is already running\n").into_response();
+    };
+    // Allocating gigabytes takes a while: keep it off the async workers.
+    let result = tokio::task::spawn_blocking(move || {
+        let before = JemallocStats::read()?;
+        let blocks: Vec<Box<[u8; 1024]>> =
+            (0..mib * 1024).map(|i| Box::new([i as u8; 1024])).collect();
+        let held = JemallocStats::read()?;
+        drop(std::hint::black_box(blocks));
+        let after = JemallocStats::read()?;
+        Ok::<_, tower_jemalloc::JemallocError>(format!(
+            "{{\"mib\":{mib},\"before\":{},\"held\":{},\"after\":{}}}\n",
+            before.to_json(),
+            held.to_json(),
+            after.to_json()
+        ))
+    })
+    .await;
+    match result {
+        Ok(Ok(json)) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("churn failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+fn parse_mib(query: Option<&str>) -> Result<usize, String> {
+    const RANGE: std::ops::RangeInclusive<usize> = 1..=4096;
+    let value = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("mib="))
+        .ok_or("missing query parameter mib (1 to 4096)")?;
+    match value.parse::<usize>() {
+        Ok(mib) if RANGE.contains(&mib) => Ok(mib),
+        _ => Err(format!(
+            "mib must be an integer from 1 to 4096, got {value:?}"
+        )),
+    }
+}
