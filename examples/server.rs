@@ -22,19 +22,23 @@ use tower_jemalloc::{JemallocLayer, JemallocStats};
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
 
-const USAGE: &str = "usage: server [--addr HOST:PORT] [--namespace NAME]
-  --addr HOST:PORT   address to listen on (default 127.0.0.1:9070)
-  --namespace NAME   prefix of every exported metric name (default: none)";
+const USAGE: &str = "usage: server [--addr HOST:PORT] [--namespace NAME] [--purge-token TOKEN]
+  --addr HOST:PORT     address to listen on (default 127.0.0.1:9070)
+  --namespace NAME     prefix of every exported metric name (default: none)
+  --purge-token TOKEN  require `Authorization: Bearer TOKEN` on the purge endpoint
+                       (default: the PURGE_TOKEN environment variable; unset: open)";
 
 struct Args {
     addr: SocketAddr,
     namespace: Option<String>,
+    purge_token: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: SocketAddr::from(([127, 0, 0, 1], 9070)),
         namespace: None,
+        purge_token: std::env::var("PURGE_TOKEN").ok().filter(|t| !t.is_empty()),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -47,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
             }
             "--namespace" => args.namespace = Some(value("--namespace")?),
+            "--purge-token" => args.purge_token = Some(value("--purge-token")?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -67,6 +72,9 @@ async fn main() {
     let mut builder = JemallocLayer::builder();
     if let Some(namespace) = &args.namespace {
         builder = builder.namespace(namespace);
+    }
+    if let Some(token) = &args.purge_token {
+        builder = builder.purge_bearer_token(token);
     }
     let layer = builder.build().unwrap_or_else(|e| {
         eprintln!("error: {e}");
@@ -97,7 +105,11 @@ async fn main() {
     println!("listening on http://{addr}");
     println!("  curl -s http://{addr}/metrics | grep jemalloc");
     println!("  curl -s -X POST 'http://{addr}/demo/churn?mib=512'");
-    println!("  curl -s -X POST http://{addr}/debug/jemalloc/purge");
+    if args.purge_token.is_some() {
+        println!("  curl -s -X POST -H \"Authorization: Bearer $PURGE_TOKEN\" http://{addr}/debug/jemalloc/purge");
+    } else {
+        println!("  curl -s -X POST http://{addr}/debug/jemalloc/purge");
+    }
 
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -1,21 +1,20 @@
 //! [`ResponseFuture`]: the inner service's future, or the layer's own answer.
 
 use crate::body::ResponseBody;
-use crate::response;
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::Response;
 use http_body_util::Full;
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::sync::oneshot;
 
 pin_project! {
     /// Response future of [`JemallocService`](crate::JemallocService).
     ///
     /// A forwarded request polls the inner service's future directly (no boxing). An
-    /// intercepted request is answered at once, or, for a purge, when the purge thread reports.
+    /// intercepted request is answered at once, or, when it must wait for a render or the purge
+    /// thread, through one boxed future.
     pub struct ResponseFuture<F> {
         #[pin]
         kind: Kind<F>,
@@ -27,7 +26,7 @@ pin_project! {
     enum Kind<F> {
         Inner { #[pin] future: F },
         Local { response: Option<Response<Full<Bytes>>> },
-        Pending { receiver: oneshot::Receiver<Response<Full<Bytes>>> },
+        Pending { future: Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>> },
     }
 }
 
@@ -46,9 +45,14 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn pending(receiver: oneshot::Receiver<Response<Full<Bytes>>>) -> Self {
+    /// An answer that needs to wait (for a render, or the purge thread).
+    pub(crate) fn pending(
+        future: impl Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    ) -> Self {
         Self {
-            kind: Kind::Pending { receiver },
+            kind: Kind::Pending {
+                future: Box::pin(future),
+            },
         }
     }
 }
@@ -84,15 +88,7 @@ where
             KindProj::Local { response } => response
                 .take()
                 .expect("ResponseFuture polled after completion"),
-            KindProj::Pending { receiver } => match ready!(Pin::new(receiver).poll(cx)) {
-                Ok(response) => response,
-                // The worker thread always sends before it ends; it can only vanish by
-                // panicking, and the client still deserves an answer.
-                Err(_) => response::text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the purge thread ended without a report",
-                ),
-            },
+            KindProj::Pending { future } => ready!(future.as_mut().poll(cx)),
         };
         Poll::Ready(Ok(response.map(ResponseBody::local)))
     }

@@ -1,10 +1,14 @@
 //! [`JemallocLayer`] and its builder.
 
+use crate::access::{validate_token, Access};
+use crate::purge::{PurgeEndpoint, DEFAULT_PURGE_COOLDOWN};
+use crate::scrape::{MetricsEndpoint, Scrapes, DEFAULT_MAX_CONCURRENT_SCRAPES};
 use crate::service::JemallocService;
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 use tower::Layer;
 
 /// The default path of the Prometheus endpoint.
@@ -60,9 +64,9 @@ pub struct JemallocLayer {
 
 /// What every [`JemallocService`] made by one layer shares.
 pub(crate) struct Shared {
-    pub(crate) metrics_path: Option<Box<str>>,
-    pub(crate) purge_path: Option<Box<str>>,
-    pub(crate) registry: prometheus::Registry,
+    pub(crate) metrics: Option<MetricsEndpoint>,
+    pub(crate) purge: Option<PurgeEndpoint>,
+    registry: prometheus::Registry,
     /// The provider the layer created (zero-config); `None` when the user brought their own.
     provider: Option<SdkMeterProvider>,
 }
@@ -109,10 +113,20 @@ impl Default for JemallocLayer {
 impl fmt::Debug for JemallocLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JemallocLayer")
-            .field("metrics_path", &self.shared.metrics_path)
-            .field("purge_path", &self.shared.purge_path)
+            .field("metrics_path", &self.shared.metrics_path())
+            .field("purge", &self.shared.purge)
             .field("owns_provider", &self.shared.provider.is_some())
             .finish()
+    }
+}
+
+impl Shared {
+    pub(crate) fn metrics_path(&self) -> Option<&str> {
+        self.metrics.as_ref().map(|m| &*m.path)
+    }
+
+    pub(crate) fn purge_path(&self) -> Option<&str> {
+        self.purge.as_ref().map(|p| &*p.path)
     }
 }
 
@@ -125,13 +139,19 @@ impl<S> Layer<S> for JemallocLayer {
 }
 
 /// Builds a [`JemallocLayer`]. Made by [`JemallocLayer::builder`].
-#[derive(Debug)]
 #[must_use]
 pub struct JemallocLayerBuilder {
     namespace: Option<String>,
     metrics_path: Option<String>,
     purge_path: Option<String>,
     registry: Option<(prometheus::Registry, Meter)>,
+    metrics_access: Access,
+    metrics_token: Option<String>,
+    purge_access: Access,
+    purge_token: Option<String>,
+    purge_cooldown: Duration,
+    max_concurrent_scrapes: usize,
+    gzip: bool,
 }
 
 impl Default for JemallocLayerBuilder {
@@ -141,7 +161,39 @@ impl Default for JemallocLayerBuilder {
             metrics_path: Some(DEFAULT_METRICS_PATH.to_owned()),
             purge_path: Some(DEFAULT_PURGE_PATH.to_owned()),
             registry: None,
+            metrics_access: Access::default(),
+            metrics_token: None,
+            purge_access: Access::default(),
+            purge_token: None,
+            purge_cooldown: DEFAULT_PURGE_COOLDOWN,
+            max_concurrent_scrapes: DEFAULT_MAX_CONCURRENT_SCRAPES,
+            gzip: true,
         }
+    }
+}
+
+impl fmt::Debug for JemallocLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Tokens are never printed.
+        f.debug_struct("JemallocLayerBuilder")
+            .field("namespace", &self.namespace)
+            .field("metrics_path", &self.metrics_path)
+            .field("purge_path", &self.purge_path)
+            .field("own_registry", &self.registry.is_some())
+            .field("metrics_access", &self.metrics_access)
+            .field(
+                "metrics_token",
+                &self.metrics_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("purge_access", &self.purge_access)
+            .field(
+                "purge_token",
+                &self.purge_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("purge_cooldown", &self.purge_cooldown)
+            .field("max_concurrent_scrapes", &self.max_concurrent_scrapes)
+            .field("gzip", &self.gzip)
+            .finish()
     }
 }
 
@@ -209,6 +261,82 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// Requires `Authorization: Bearer <token>` on the purge endpoint. A missing or wrong
+    /// token gets a 401 with `WWW-Authenticate: Bearer`. The comparison takes the same time
+    /// wherever the presented token differs, so it cannot be guessed byte by byte.
+    pub fn purge_bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.purge_token = Some(token.into());
+        self
+    }
+
+    /// Lets a purge through only when `allow` returns `true` for the request; otherwise 403.
+    /// `allow` sees the method, URI, headers and extensions (for example axum's
+    /// `ConnectInfo<SocketAddr>`, or an mTLS identity your TLS layer inserted). It is checked
+    /// after the bearer token, if both are set. It must not block.
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use axum::extract::ConnectInfo;
+    ///
+    /// let layer = tower_jemalloc::JemallocLayer::builder()
+    ///     .purge_authorize(|request| {
+    ///         request
+    ///             .extensions
+    ///             .get::<ConnectInfo<SocketAddr>>()
+    ///             .is_some_and(|ConnectInfo(peer)| peer.ip().is_loopback())
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer);
+    /// ```
+    pub fn purge_authorize<F>(mut self, allow: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.purge_access.set_predicate(Arc::new(allow));
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` on the metrics endpoint (Prometheus:
+    /// `authorization: {credentials: …}` in the scrape config). Open by default.
+    pub fn metrics_bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.metrics_token = Some(token.into());
+        self
+    }
+
+    /// Lets a scrape through only when `allow` returns `true` for the request; otherwise 403.
+    /// See [`purge_authorize`](Self::purge_authorize).
+    pub fn metrics_authorize<F>(mut self, allow: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.metrics_access.set_predicate(Arc::new(allow));
+        self
+    }
+
+    /// The minimum time from the end of one purge to the start of the next (default 1 s);
+    /// `Duration::ZERO` disables it. A purge asked for sooner gets a 429 with `Retry-After`
+    /// in whole seconds, rounded up.
+    pub fn purge_cooldown(mut self, cooldown: Duration) -> Self {
+        self.purge_cooldown = cooldown;
+        self
+    }
+
+    /// How many scrapes may be in flight at once (default 16); beyond that a scrape gets a 503
+    /// with `Retry-After: 1`. Concurrent scrapes share one render, so this bounds waiting
+    /// requests, not rendering work.
+    pub fn max_concurrent_scrapes(mut self, limit: usize) -> Self {
+        self.max_concurrent_scrapes = limit;
+        self
+    }
+
+    /// Whether `/metrics` is gzip-compressed for clients whose `Accept-Encoding` allows it
+    /// (default `true`; Prometheus always asks for gzip).
+    pub fn gzip(mut self, enabled: bool) -> Self {
+        self.gzip = enabled;
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     ///
     /// When jemalloc's statistics cannot be read in this process (it is not the global
@@ -219,8 +347,26 @@ impl JemallocLayerBuilder {
     ///
     /// A [`BuildError`] naming the bad setting: a path that is not an absolute path, the two
     /// paths being equal, an invalid namespace, a namespace given with your own registry, or
-    /// the exporter failing to register.
-    pub fn build(self) -> Result<JemallocLayer, BuildError> {
+    /// the exporter failing to register, a token that cannot be sent in a header, or a scrape
+    /// limit of zero.
+    pub fn build(mut self) -> Result<JemallocLayer, BuildError> {
+        for (endpoint, token, access) in [
+            (
+                "metrics",
+                self.metrics_token.take(),
+                &mut self.metrics_access,
+            ),
+            ("purge", self.purge_token.take(), &mut self.purge_access),
+        ] {
+            if let Some(token) = token {
+                validate_token(&token)
+                    .map_err(|reason| BuildError::InvalidToken { endpoint, reason })?;
+                access.set_token(token);
+            }
+        }
+        if self.max_concurrent_scrapes == 0 {
+            return Err(BuildError::ZeroScrapeLimit);
+        }
         let metrics_path = self.metrics_path.map(validate_path).transpose()?;
         let purge_path = self.purge_path.map(validate_path).transpose()?;
         if metrics_path.is_some() && metrics_path == purge_path {
@@ -257,10 +403,24 @@ impl JemallocLayerBuilder {
         // Without jemalloc the gauges are left out; `ctl` has logged why, once.
         let _ = crate::metrics::register_instruments(&meter);
 
+        let metrics = metrics_path.map(|path| MetricsEndpoint {
+            path,
+            access: self.metrics_access,
+            scrapes: Arc::new(Scrapes::new(
+                registry.clone(),
+                self.gzip,
+                self.max_concurrent_scrapes,
+            )),
+        });
+        let purge = purge_path.map(|path| PurgeEndpoint {
+            path,
+            access: self.purge_access,
+            cooldown: self.purge_cooldown,
+        });
         Ok(JemallocLayer {
             shared: Arc::new(Shared {
-                metrics_path,
-                purge_path,
+                metrics,
+                purge,
                 registry,
                 provider,
             }),
@@ -316,6 +476,16 @@ pub enum BuildError {
     NamespaceWithRegistry(String),
     /// The OpenTelemetry Prometheus exporter could not be built.
     Exporter(String),
+    /// A bearer token cannot be sent in an `Authorization` header.
+    InvalidToken {
+        /// `"metrics"` or `"purge"`.
+        endpoint: &'static str,
+        /// What is wrong with it (the token itself is never included).
+        reason: &'static str,
+    },
+    /// [`max_concurrent_scrapes`](JemallocLayerBuilder::max_concurrent_scrapes) is zero, which
+    /// would refuse every scrape; use [`without_metrics`](JemallocLayerBuilder::without_metrics).
+    ZeroScrapeLimit,
 }
 
 impl fmt::Display for BuildError {
@@ -334,6 +504,12 @@ impl fmt::Display for BuildError {
                 "namespace {ns:?} given with your own registry: set it on your exporter instead"
             ),
             Self::Exporter(e) => write!(f, "cannot build the Prometheus exporter: {e}"),
+            Self::InvalidToken { endpoint, reason } => {
+                write!(f, "invalid {endpoint} bearer token: {reason}")
+            }
+            Self::ZeroScrapeLimit => f.write_str(
+                "max_concurrent_scrapes is 0, which refuses every scrape; use without_metrics()",
+            ),
         }
     }
 }
@@ -378,6 +554,43 @@ mod tests {
             err.unwrap_err(),
             BuildError::NamespaceWithRegistry("x".into())
         );
+
+        let err = JemallocLayer::builder().purge_bearer_token("a b").build();
+        assert!(
+            matches!(
+                err,
+                Err(BuildError::InvalidToken {
+                    endpoint: "purge",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let err = JemallocLayer::builder().metrics_bearer_token("").build();
+        assert!(
+            matches!(
+                err,
+                Err(BuildError::InvalidToken {
+                    endpoint: "metrics",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let err = JemallocLayer::builder().max_concurrent_scrapes(0).build();
+        assert_eq!(err.unwrap_err(), BuildError::ZeroScrapeLimit);
+    }
+
+    #[test]
+    fn debug_never_prints_tokens() {
+        let builder = JemallocLayer::builder()
+            .purge_bearer_token("hunter2")
+            .metrics_bearer_token("swordfish");
+        let printed = format!("{builder:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains("swordfish"));
+        let layer = builder.build().unwrap();
+        let printed = format!("{layer:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains("swordfish"));
     }
 
     #[test]
@@ -387,7 +600,7 @@ mod tests {
             .without_purge()
             .build()
             .unwrap();
-        assert!(layer.shared.metrics_path.is_none());
-        assert!(layer.shared.purge_path.is_none());
+        assert!(layer.shared.metrics_path().is_none());
+        assert!(layer.shared.purge_path().is_none());
     }
 }

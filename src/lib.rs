@@ -85,6 +85,7 @@
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
+mod access;
 mod body;
 mod ctl;
 #[cfg(jemalloc)]
@@ -94,6 +95,7 @@ mod layer;
 mod metrics;
 mod purge;
 mod response;
+mod scrape;
 mod service;
 mod stats;
 
@@ -103,7 +105,8 @@ pub use layer::{
     BuildError, JemallocLayer, JemallocLayerBuilder, DEFAULT_METRICS_PATH, DEFAULT_PURGE_PATH,
 };
 pub use metrics::register_instruments;
-pub use purge::{purge_all_arenas, PurgeError, PurgeReport};
+pub use purge::{purge_all_arenas, PurgeError, PurgeReport, DEFAULT_PURGE_COOLDOWN};
+pub use scrape::DEFAULT_MAX_CONCURRENT_SCRAPES;
 pub use service::JemallocService;
 pub use stats::{JemallocError, JemallocStats};
 

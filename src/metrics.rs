@@ -1,5 +1,4 @@
-//! The jemalloc gauges as OpenTelemetry observable instruments, and the Prometheus text
-//! rendering behind `GET /metrics`.
+//! The jemalloc gauges as OpenTelemetry observable instruments.
 //!
 //! OpenTelemetry 0.33 has no batch callbacks, so each gauge has its own callback. To keep
 //! "one jemalloc epoch advance per collection, every gauge from the same snapshot", the eight
@@ -132,53 +131,4 @@ impl SharedSnapshot {
         state.reported[field] = cycle;
         state.stats.map(|stats| stats.values()[field])
     }
-}
-
-/// Gathers `registry` and encodes it in the Prometheus text format.
-pub(crate) fn render(registry: &prometheus::Registry) -> Result<Vec<u8>, String> {
-    use prometheus::Encoder;
-    let families = registry.gather();
-    let mut buf = Vec::with_capacity(16 * 1024);
-    prometheus::TextEncoder::new()
-        .encode(&families, &mut buf)
-        .map_err(|e| format!("cannot encode metrics: {e}"))?;
-    Ok(buf)
-}
-
-/// The content type of [`render`]'s output (`text/plain; version=0.0.4`).
-fn content_type() -> &'static str {
-    prometheus::TEXT_FORMAT
-}
-
-/// Answers a request on the metrics path: `GET` renders the registry, `HEAD` the same headers
-/// without the body, anything else is a 405.
-pub(crate) fn respond(
-    registry: &prometheus::Registry,
-    method: &http::Method,
-    path: &str,
-) -> http::Response<http_body_util::Full<bytes::Bytes>> {
-    use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-    use http::{Method, StatusCode};
-
-    let head = method == Method::HEAD;
-    if method != Method::GET && !head {
-        return crate::response::method_not_allowed("GET, HEAD", path);
-    }
-    let text = match render(registry) {
-        Ok(text) => text,
-        Err(reason) => return crate::response::text(StatusCode::INTERNAL_SERVER_ERROR, reason),
-    };
-    let length = text.len();
-    let body = if head {
-        bytes::Bytes::new()
-    } else {
-        text.into()
-    };
-    let mut response = http::Response::new(http_body_util::Full::new(body));
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type()));
-    if head {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
-    }
-    response
 }

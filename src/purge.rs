@@ -4,14 +4,21 @@
 //! A purge (`arena.<MALLCTL_ARENAS_ALL>.purge`) walks every arena and `madvise`s its unused
 //! pages away. It takes on the order of 100 ms per GiB of dirty pages and holds arena locks
 //! while it runs, so allocations on other threads can stall behind it. The HTTP endpoint
-//! therefore runs it on a dedicated thread (never an async worker, whatever the runtime), and
-//! only one purge runs in the process at a time: a second one asked for meanwhile is refused,
-//! not queued.
+//! therefore runs it on a dedicated thread (never an async worker, whatever the runtime), only
+//! one purge runs in the process at a time (a second one asked for meanwhile is refused with a
+//! 409, not queued), and after a purge the endpoint refuses others for a cooldown (429).
 
+use crate::access::Access;
 use crate::ctl::Ctl;
+use crate::future::ResponseFuture;
+use crate::response;
 use crate::stats::{JemallocError, JemallocStats};
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::request::Parts;
+use http::{Method, StatusCode};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// What one purge did: the statistics just before and just after it.
@@ -100,7 +107,8 @@ impl From<JemallocError> for PurgeError {
 ///
 /// This blocks the calling thread for the whole purge (about 100 ms per GiB of dirty pages):
 /// never call it on an async runtime worker; use a dedicated thread or your runtime's
-/// blocking pool. It shares the process-wide single-flight guard with the HTTP endpoint.
+/// blocking pool. It shares the process-wide single-flight guard with the HTTP endpoint; it
+/// is not subject to the endpoint's cooldown, but the endpoint's cooldown counts from its end.
 ///
 /// # Errors
 ///
@@ -108,8 +116,8 @@ impl From<JemallocError> for PurgeError {
 /// [`PurgeError::Jemalloc`] when jemalloc is unavailable or a mallctl call fails.
 pub fn purge_all_arenas() -> Result<PurgeReport, PurgeError> {
     let ctl = crate::ctl::ctl()?;
-    let _guard = PurgeGuard::acquire().ok_or(PurgeError::AlreadyRunning)?;
-    Ok(run(ctl)?)
+    let guard = PurgeGuard::acquire().ok_or(PurgeError::AlreadyRunning)?;
+    Ok(run_guarded(ctl, guard)?)
 }
 
 /// The one purge-in-progress flag of the process.
@@ -136,7 +144,7 @@ impl Drop for PurgeGuard {
 }
 
 /// Reads stats, purges all arenas, reads stats again. Blocking.
-pub(crate) fn run(ctl: &Ctl) -> Result<PurgeReport, JemallocError> {
+fn run(ctl: &Ctl) -> Result<PurgeReport, JemallocError> {
     let before = ctl.snapshot()?;
     let arenas_purged = ctl.narenas()?;
     let start = Instant::now();
@@ -151,49 +159,109 @@ pub(crate) fn run(ctl: &Ctl) -> Result<PurgeReport, JemallocError> {
     })
 }
 
-/// Answers a request on the purge path: `POST`/`PUT` start a purge on a dedicated thread and
-/// resolve when it reports; anything else is a 405. The request body is never read.
-pub(crate) fn respond<F>(method: &http::Method, path: &str) -> crate::future::ResponseFuture<F> {
-    use crate::future::ResponseFuture;
-    use crate::response;
-    use http::{Method, StatusCode};
+/// The default minimum interval between two purges through the HTTP endpoint.
+pub const DEFAULT_PURGE_COOLDOWN: Duration = Duration::from_secs(1);
 
-    if method != Method::POST && method != Method::PUT {
-        return ResponseFuture::local(response::method_not_allowed("POST, PUT", path));
-    }
-    let ctl = match crate::ctl::ctl() {
-        Ok(ctl) => ctl,
-        Err(e) => return ResponseFuture::local(e.to_response()),
-    };
-    let Some(guard) = PurgeGuard::acquire() else {
-        return ResponseFuture::local(response::text(
-            StatusCode::CONFLICT,
-            "a jemalloc purge is already running; retry when it has finished",
-        ));
-    };
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("jemalloc-purge".to_owned())
-        .spawn(move || {
-            let result = run(ctl);
-            // Free the slot before answering, so a client that purges again as soon as it
-            // has the answer is not refused.
+/// When the last purge of the process ended, for the cooldown.
+static LAST_PURGE_END: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// The purge endpoint of one layer.
+#[derive(Debug)]
+pub(crate) struct PurgeEndpoint {
+    pub(crate) path: Box<str>,
+    pub(crate) access: Access,
+    /// Minimum time from the end of one purge to the start of the next; zero disables.
+    pub(crate) cooldown: Duration,
+}
+
+impl PurgeEndpoint {
+    /// Answers a request on the purge path. Order of checks: method (405), access
+    /// (401/403), jemalloc availability (501/503), a purge already running (409), the
+    /// cooldown (429 with `Retry-After`); then the purge runs on a dedicated thread and the
+    /// future resolves when it reports. The request body is never read.
+    pub(crate) fn respond<F>(&self, parts: &Parts) -> ResponseFuture<F> {
+        if parts.method != Method::POST && parts.method != Method::PUT {
+            return ResponseFuture::local(response::method_not_allowed("POST, PUT", &self.path));
+        }
+        if let Some(refusal) = self.access.refusal(parts) {
+            return ResponseFuture::local(refusal);
+        }
+        let ctl = match crate::ctl::ctl() {
+            Ok(ctl) => ctl,
+            Err(e) => return ResponseFuture::local(e.to_response()),
+        };
+        let Some(guard) = PurgeGuard::acquire() else {
+            return ResponseFuture::local(response::text(
+                StatusCode::CONFLICT,
+                "a jemalloc purge is already running; retry when it has finished",
+            ));
+        };
+        // Checked while holding the slot: the last purge recorded its end before releasing it.
+        if let Some(wait) = self.cooldown_left() {
             drop(guard);
-            let answer = match result {
-                Ok(report) => response::json(report.to_json()),
-                Err(e) => e.to_response(),
-            };
-            // The client may have gone away; the purge is done either way.
-            let _ = sender.send(answer);
-        });
-    match spawned {
-        Ok(_) => ResponseFuture::pending(receiver),
-        // The closure, and with it the guard, was dropped: the slot is free again.
-        Err(e) => ResponseFuture::local(response::text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format_args!("cannot start the purge thread: {e}"),
-        )),
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut answer = response::text(
+                StatusCode::TOO_MANY_REQUESTS,
+                format_args!(
+                    "purges are limited to one per {:?}; retry in {seconds} s",
+                    self.cooldown
+                ),
+            );
+            answer
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+            return ResponseFuture::local(answer);
+        }
+
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("jemalloc-purge".to_owned())
+            .spawn(move || {
+                let answer = match run_guarded(ctl, guard) {
+                    Ok(report) => response::json(report.to_json()),
+                    Err(e) => e.to_response(),
+                };
+                // The client may have gone away; the purge is done either way.
+                let _ = sender.send(answer);
+            });
+        match spawned {
+            Ok(_) => ResponseFuture::pending(async move {
+                receiver.await.unwrap_or_else(|_| {
+                    // The thread always sends before it ends; it can only vanish by
+                    // panicking, and the client still deserves an answer.
+                    response::text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the purge thread ended without a report",
+                    )
+                })
+            }),
+            // The closure, and with it the guard, was dropped: the slot is free again.
+            Err(e) => ResponseFuture::local(response::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format_args!("cannot start the purge thread: {e}"),
+            )),
+        }
     }
+
+    /// How long until the cooldown after the last purge is over, if it is not yet.
+    fn cooldown_left(&self) -> Option<Duration> {
+        if self.cooldown.is_zero() {
+            return None;
+        }
+        let last = (*LAST_PURGE_END.lock().unwrap_or_else(|e| e.into_inner()))?;
+        self.cooldown
+            .checked_sub(last.elapsed())
+            .filter(|left| !left.is_zero())
+    }
+}
+
+/// Runs a purge while holding the slot; records when it ended (for the cooldown) before the
+/// slot is released, so that no second purge can slip in between.
+fn run_guarded(ctl: &Ctl, guard: PurgeGuard) -> Result<PurgeReport, JemallocError> {
+    let result = run(ctl);
+    *LAST_PURGE_END.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    drop(guard);
+    result
 }
 
 #[cfg(test)]

@@ -15,9 +15,12 @@ fn with_body(status: StatusCode, content_type: HeaderValue, body: Bytes) -> Resp
     response
 }
 
-/// `status` with `reason` as a one-line `text/plain` body.
+/// `status` with `reason` as a one-line `text/plain` body (line breaks inside `reason`, as in
+/// some library errors' messages, become spaces).
 pub(crate) fn text(status: StatusCode, reason: impl std::fmt::Display) -> Response<Full<Bytes>> {
-    with_body(status, TEXT_PLAIN, Bytes::from(format!("{reason}\n")))
+    let mut line = reason.to_string().replace(['\r', '\n'], " ");
+    line.push('\n');
+    with_body(status, TEXT_PLAIN, Bytes::from(line))
 }
 
 /// 200 with a JSON body.

@@ -57,8 +57,8 @@ impl<S: fmt::Debug> fmt::Debug for JemallocService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JemallocService")
             .field("inner", &self.inner)
-            .field("metrics_path", &self.shared.metrics_path)
-            .field("purge_path", &self.shared.purge_path)
+            .field("metrics_path", &self.shared.metrics_path())
+            .field("purge_path", &self.shared.purge_path())
             .finish()
     }
 }
@@ -77,19 +77,26 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let path = req.uri().path();
         let shared = &*self.shared;
-        if shared.metrics_path.as_deref() == Some(path) {
-            ResponseFuture::local(crate::metrics::respond(
-                &shared.registry,
-                req.method(),
-                path,
-            ))
-        } else if shared.purge_path.as_deref() == Some(path) {
-            // The body is dropped unread with `req`.
-            crate::purge::respond(req.method(), path)
+        let path = req.uri().path();
+        let endpoint = if shared.metrics_path() == Some(path) {
+            Endpoint::Metrics
+        } else if shared.purge_path() == Some(path) {
+            Endpoint::Purge
         } else {
-            ResponseFuture::inner(self.inner.call(req))
+            return ResponseFuture::inner(self.inner.call(req));
+        };
+        // The body of an intercepted request is dropped unread.
+        let (parts, _body) = req.into_parts();
+        match (endpoint, &shared.metrics, &shared.purge) {
+            (Endpoint::Metrics, Some(metrics), _) => metrics.respond(&parts),
+            (Endpoint::Purge, _, Some(purge)) => purge.respond(&parts),
+            _ => unreachable!("the endpoint matched a configured path"),
         }
     }
+}
+
+enum Endpoint {
+    Metrics,
+    Purge,
 }

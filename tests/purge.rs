@@ -21,11 +21,19 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const MIB: u64 = 1024 * 1024;
 
+/// These tests purge back to back: no cooldown.
+fn layer() -> JemallocLayer {
+    JemallocLayer::builder()
+        .purge_cooldown(std::time::Duration::ZERO)
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn purge_returns_freed_small_blocks_to_the_os() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (echo, seen) = recording_echo();
-    let mut service = JemallocLayer::new().layer(echo);
+    let mut service = layer().layer(echo);
 
     churn(256);
     let answer = send(&mut service, request("POST", "/debug/jemalloc/purge")).await;
@@ -66,7 +74,7 @@ async fn purge_returns_freed_small_blocks_to_the_os() {
 async fn put_purges_too_and_the_body_is_ignored() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (echo, _) = recording_echo();
-    let mut service = JemallocLayer::new().layer(echo);
+    let mut service = layer().layer(echo);
     let request = http::Request::put("/debug/jemalloc/purge?verbose=1")
         .body(http_body_util::Full::new(bytes::Bytes::from(vec![
             7u8;
@@ -82,7 +90,7 @@ async fn put_purges_too_and_the_body_is_ignored() {
 async fn a_purge_while_one_runs_gets_409() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (echo, _) = recording_echo();
-    let mut service = JemallocLayer::new().layer(echo);
+    let mut service = layer().layer(echo);
     // Enough dirty pages that the first purge is still running when the second arrives.
     churn(128);
 
@@ -126,7 +134,7 @@ fn purge_all_arenas_is_usable_without_http() {
 async fn mallctl_failures_answer_500_naming_the_key() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (echo, _) = recording_echo();
-    let mut service = JemallocLayer::new().layer(echo);
+    let mut service = layer().layer(echo);
 
     tower_jemalloc::__private::fail_key("arena.4096.purge");
     let answer = send(&mut service, request("POST", "/debug/jemalloc/purge")).await;
