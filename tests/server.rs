@@ -135,3 +135,45 @@ async fn router_layer_also_reaches_unmatched_paths() {
     let answer = send(&mut app, request("GET", "/")).await;
     assert_eq!(answer.text(), "home");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_purge_body_is_answered_without_being_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let router: Router = Router::new().route("/", get(|| async { "home" }));
+    let layer = JemallocLayer::builder()
+        .purge_bearer_token("t")
+        .build()
+        .unwrap();
+    let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<Request>::into_make_service(app),
+        )
+        .await
+        .unwrap();
+    });
+
+    // Announce 1 GiB, send 64 KiB of it, and wait for the answer: it must come without the
+    // server waiting for (or buffering) the rest.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /debug/jemalloc/purge HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 1073741824\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    stream.write_all(&vec![b'x'; 64 * 1024]).await.unwrap();
+    let mut answer = vec![0; 1024];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("answered within 10 s, without the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(
+        answer.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+        "{answer}"
+    );
+}
