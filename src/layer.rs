@@ -1,9 +1,10 @@
 //! [`JemallocLayer`] and its builder.
 
 use crate::access::{validate_token, Access};
-use crate::purge::{PurgeEndpoint, DEFAULT_PURGE_COOLDOWN};
+use crate::purge::{PurgeEndpoint, PurgeTelemetry, DEFAULT_PURGE_COOLDOWN};
 use crate::scrape::{MetricsEndpoint, Scrapes, DEFAULT_MAX_CONCURRENT_SCRAPES};
 use crate::service::JemallocService;
+use crate::stats_dump::{StatsEndpoint, DEFAULT_STATS_MAX_BYTES};
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
@@ -15,6 +16,8 @@ use tower::Layer;
 pub const DEFAULT_METRICS_PATH: &str = "/metrics";
 /// The default path of the purge endpoint.
 pub const DEFAULT_PURGE_PATH: &str = "/debug/jemalloc/purge";
+/// The default path of the stats endpoint.
+pub const DEFAULT_STATS_PATH: &str = "/debug/jemalloc/stats";
 
 /// The instrumentation scope the layer's own meter uses (`otel_scope_name` in Prometheus).
 const SCOPE_NAME: &str = "tower-jemalloc";
@@ -66,6 +69,7 @@ pub struct JemallocLayer {
 pub(crate) struct Shared {
     pub(crate) metrics: Option<MetricsEndpoint>,
     pub(crate) purge: Option<PurgeEndpoint>,
+    pub(crate) stats: Option<StatsEndpoint>,
     registry: prometheus::Registry,
     /// The provider the layer created (zero-config); `None` when the user brought their own.
     provider: Option<SdkMeterProvider>,
@@ -115,6 +119,7 @@ impl fmt::Debug for JemallocLayer {
         f.debug_struct("JemallocLayer")
             .field("metrics_path", &self.shared.metrics_path())
             .field("purge", &self.shared.purge)
+            .field("stats", &self.shared.stats)
             .field("owns_provider", &self.shared.provider.is_some())
             .finish()
     }
@@ -127,6 +132,10 @@ impl Shared {
 
     pub(crate) fn purge_path(&self) -> Option<&str> {
         self.purge.as_ref().map(|p| &*p.path)
+    }
+
+    pub(crate) fn stats_path(&self) -> Option<&str> {
+        self.stats.as_ref().map(|p| &*p.path)
     }
 }
 
@@ -152,6 +161,10 @@ pub struct JemallocLayerBuilder {
     purge_cooldown: Duration,
     max_concurrent_scrapes: usize,
     gzip: bool,
+    stats_path: Option<String>,
+    stats_access: Option<Access>,
+    stats_token: Option<String>,
+    stats_max_bytes: usize,
 }
 
 impl Default for JemallocLayerBuilder {
@@ -168,6 +181,10 @@ impl Default for JemallocLayerBuilder {
             purge_cooldown: DEFAULT_PURGE_COOLDOWN,
             max_concurrent_scrapes: DEFAULT_MAX_CONCURRENT_SCRAPES,
             gzip: true,
+            stats_path: Some(DEFAULT_STATS_PATH.to_owned()),
+            stats_access: None,
+            stats_token: None,
+            stats_max_bytes: DEFAULT_STATS_MAX_BYTES,
         }
     }
 }
@@ -193,6 +210,13 @@ impl fmt::Debug for JemallocLayerBuilder {
             .field("purge_cooldown", &self.purge_cooldown)
             .field("max_concurrent_scrapes", &self.max_concurrent_scrapes)
             .field("gzip", &self.gzip)
+            .field("stats_path", &self.stats_path)
+            .field("stats_access", &self.stats_access)
+            .field(
+                "stats_token",
+                &self.stats_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("stats_max_bytes", &self.stats_max_bytes)
             .finish()
     }
 }
@@ -337,6 +361,47 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// Serves jemalloc's statistics dump on `path` instead of `/debug/jemalloc/stats`.
+    pub fn stats_path(mut self, path: impl Into<String>) -> Self {
+        self.stats_path = Some(path.into());
+        self
+    }
+
+    /// Does not intercept any stats path: every such request is forwarded.
+    pub fn without_stats(mut self) -> Self {
+        self.stats_path = None;
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` on the stats endpoint (401 otherwise).
+    ///
+    /// Unless a stats token or predicate is set, the stats endpoint is guarded exactly like the
+    /// purge endpoint (both are debug endpoints that operators, not the public, use).
+    pub fn stats_bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.stats_token = Some(token.into());
+        self
+    }
+
+    /// Lets a stats request through only when `allow` returns `true`; otherwise 403. See
+    /// [`purge_authorize`](Self::purge_authorize) and
+    /// [`stats_bearer_token`](Self::stats_bearer_token).
+    pub fn stats_authorize<F>(mut self, allow: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.stats_access
+            .get_or_insert_with(Access::default)
+            .set_predicate(Arc::new(allow));
+        self
+    }
+
+    /// The largest stats dump the endpoint answers with (default 4 MiB). A JSON dump over it
+    /// is retried without per-arena details; a text dump is cut.
+    pub fn stats_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.stats_max_bytes = max_bytes;
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     ///
     /// When jemalloc's statistics cannot be read in this process (it is not the global
@@ -364,15 +429,31 @@ impl JemallocLayerBuilder {
                 access.set_token(token);
             }
         }
+        // The stats endpoint is guarded like purge unless it has rules of its own.
+        let mut stats_access = self.stats_access.take();
+        if let Some(token) = self.stats_token.take() {
+            validate_token(&token).map_err(|reason| BuildError::InvalidToken {
+                endpoint: "stats",
+                reason,
+            })?;
+            stats_access
+                .get_or_insert_with(Access::default)
+                .set_token(token);
+        }
+        let stats_access = stats_access.unwrap_or_else(|| self.purge_access.clone());
         if self.max_concurrent_scrapes == 0 {
             return Err(BuildError::ZeroScrapeLimit);
         }
         let metrics_path = self.metrics_path.map(validate_path).transpose()?;
         let purge_path = self.purge_path.map(validate_path).transpose()?;
-        if metrics_path.is_some() && metrics_path == purge_path {
-            return Err(BuildError::SamePath(
-                metrics_path.unwrap_or_default().into(),
-            ));
+        let stats_path = self.stats_path.map(validate_path).transpose()?;
+        let paths = [&metrics_path, &purge_path, &stats_path];
+        for (i, a) in paths.iter().enumerate() {
+            if let Some(a) = a {
+                if paths[i + 1..].iter().any(|b| b.as_ref() == Some(a)) {
+                    return Err(BuildError::SamePath(a.to_string()));
+                }
+            }
         }
         if let Some(namespace) = &self.namespace {
             validate_namespace(namespace)?;
@@ -416,11 +497,18 @@ impl JemallocLayerBuilder {
             path,
             access: self.purge_access,
             cooldown: self.purge_cooldown,
+            telemetry: PurgeTelemetry::new(&meter),
+        });
+        let stats = stats_path.map(|path| StatsEndpoint {
+            path,
+            access: stats_access,
+            max_bytes: self.stats_max_bytes,
         });
         Ok(JemallocLayer {
             shared: Arc::new(Shared {
                 metrics,
                 purge,
+                stats,
                 registry,
                 provider,
             }),
@@ -468,7 +556,7 @@ pub enum BuildError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The metrics and purge paths are the same.
+    /// Two endpoints (metrics, purge, stats) have the same path.
     SamePath(String),
     /// The namespace is not a valid Prometheus name prefix (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
     InvalidNamespace(String),
@@ -478,7 +566,7 @@ pub enum BuildError {
     Exporter(String),
     /// A bearer token cannot be sent in an `Authorization` header.
     InvalidToken {
-        /// `"metrics"` or `"purge"`.
+        /// `"metrics"`, `"purge"` or `"stats"`.
         endpoint: &'static str,
         /// What is wrong with it (the token itself is never included).
         reason: &'static str,
@@ -493,7 +581,7 @@ impl fmt::Display for BuildError {
         match self {
             Self::InvalidPath { path, reason } => write!(f, "invalid path {path:?}: {reason}"),
             Self::SamePath(path) => {
-                write!(f, "the metrics and purge paths are both {path:?}")
+                write!(f, "two endpoints have the same path {path:?}")
             }
             Self::InvalidNamespace(ns) => write!(
                 f,
@@ -537,6 +625,13 @@ mod tests {
             .purge_path("/x")
             .build();
         assert_eq!(err.unwrap_err(), BuildError::SamePath("/x".into()));
+        let err = JemallocLayer::builder()
+            .stats_path("/debug/jemalloc/purge")
+            .build();
+        assert_eq!(
+            err.unwrap_err(),
+            BuildError::SamePath("/debug/jemalloc/purge".into())
+        );
         let err = JemallocLayer::builder().namespace("1abc").build();
         assert_eq!(
             err.unwrap_err(),
@@ -598,9 +693,11 @@ mod tests {
         let layer = JemallocLayer::builder()
             .without_metrics()
             .without_purge()
+            .without_stats()
             .build()
             .unwrap();
         assert!(layer.shared.metrics_path().is_none());
         assert!(layer.shared.purge_path().is_none());
+        assert!(layer.shared.stats_path().is_none());
     }
 }

@@ -86,6 +86,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 mod access;
+mod blocking;
 mod body;
 mod ctl;
 #[cfg(jemalloc)]
@@ -93,22 +94,28 @@ mod fault;
 mod future;
 mod layer;
 mod metrics;
+mod os;
 mod purge;
+mod query;
 mod response;
 mod scrape;
 mod service;
 mod stats;
+mod stats_dump;
 
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
 pub use layer::{
     BuildError, JemallocLayer, JemallocLayerBuilder, DEFAULT_METRICS_PATH, DEFAULT_PURGE_PATH,
+    DEFAULT_STATS_PATH,
 };
 pub use metrics::register_instruments;
-pub use purge::{purge_all_arenas, PurgeError, PurgeReport, DEFAULT_PURGE_COOLDOWN};
+pub use os::ProcessMemory;
+pub use purge::{purge_all_arenas, PurgeError, PurgeMode, PurgeReport, DEFAULT_PURGE_COOLDOWN};
 pub use scrape::DEFAULT_MAX_CONCURRENT_SCRAPES;
 pub use service::JemallocService;
 pub use stats::{JemallocError, JemallocStats};
+pub use stats_dump::DEFAULT_STATS_MAX_BYTES;
 
 /// The jemalloc global allocator, re-exported so that the allocator and the statistics this
 /// crate reads come from the same jemalloc build:

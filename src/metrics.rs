@@ -10,6 +10,7 @@
 
 use crate::stats::{JemallocError, JemallocStats};
 use opentelemetry::metrics::Meter;
+use opentelemetry::KeyValue;
 use std::sync::{Arc, Mutex};
 
 /// Instrument name (before the exporter adds namespace and `_bytes`) and help text, in the
@@ -46,7 +47,9 @@ pub(crate) const GAUGES: [(&str, &str); 8] = [
     ),
 ];
 
-/// Registers the jemalloc gauges (unit `By`) on `meter`.
+/// Registers the jemalloc gauges on `meter`: the eight byte gauges (unit `By`) plus
+/// `jemalloc.arenas`, `jemalloc.background_threads` (1 or 0) and `jemalloc.info` (1, with the
+/// jemalloc version as the `version` attribute).
 ///
 /// The gauges are read from jemalloc when the meter provider collects (on each Prometheus
 /// scrape, or each export of a periodic reader), with one epoch advance per collection. With
@@ -76,7 +79,8 @@ pub(crate) const GAUGES: [(&str, &str); 8] = [
 /// tower_jemalloc::register_instruments(&meter).expect("jemalloc is the global allocator");
 /// ```
 pub fn register_instruments(meter: &Meter) -> Result<(), JemallocError> {
-    crate::ctl::ctl()?;
+    let ctl = crate::ctl::ctl()?;
+    let version = ctl.version()?;
     let snapshot = Arc::new(SharedSnapshot::default());
     for (field, (name, help)) in GAUGES.iter().enumerate() {
         let snapshot = Arc::clone(&snapshot);
@@ -93,6 +97,33 @@ pub fn register_instruments(meter: &Meter) -> Result<(), JemallocError> {
             })
             .build();
     }
+
+    // A few cheap gauges that need no epoch advance.
+    let _arenas = meter
+        .u64_observable_gauge("jemalloc.arenas")
+        .with_description("Number of jemalloc arenas (arenas.narenas)")
+        .with_callback(move |observer| {
+            if let Ok(arenas) = ctl.narenas() {
+                observer.observe(u64::from(arenas), &[]);
+            }
+        })
+        .build();
+    let _background = meter
+        .u64_observable_gauge("jemalloc.background_threads")
+        .with_description(
+            "1 when jemalloc's background threads run (returning freed memory on their own), 0 when not",
+        )
+        .with_callback(move |observer| {
+            if let Ok(running) = ctl.background_threads_running() {
+                observer.observe(u64::from(running), &[]);
+            }
+        })
+        .build();
+    let _info = meter
+        .u64_observable_gauge("jemalloc.info")
+        .with_description("jemalloc's version as a label; always 1")
+        .with_callback(move |observer| observer.observe(1, &[KeyValue::new("version", version)]))
+        .build();
     Ok(())
 }
 

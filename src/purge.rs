@@ -7,30 +7,77 @@
 //! therefore runs it on a dedicated thread (never an async worker, whatever the runtime), only
 //! one purge runs in the process at a time (a second one asked for meanwhile is refused with a
 //! 409, not queued), and after a purge the endpoint refuses others for a cooldown (429).
+//!
+//! `?mode=decay` runs `arena.<MALLCTL_ARENAS_ALL>.decay` instead: only the pages whose decay
+//! time (`dirty_decay_ms`, `muzzy_decay_ms`) has passed are released, which is gentler.
 
 use crate::access::Access;
 use crate::ctl::Ctl;
 use crate::future::ResponseFuture;
+use crate::os::ProcessMemory;
 use crate::response;
 use crate::stats::{JemallocError, JemallocStats};
 use http::header::{HeaderValue, RETRY_AFTER};
 use http::request::Parts;
 use http::{Method, StatusCode};
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::KeyValue;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// What a purge asks of jemalloc.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PurgeMode {
+    /// `arena.<all>.purge`: release every unused dirty and muzzy page now (`?mode=purge`, the
+    /// default).
+    #[default]
+    Purge,
+    /// `arena.<all>.decay`: release only the pages whose decay time has passed
+    /// (`?mode=decay`): gentler, and often nothing when decay keeps up on its own.
+    Decay,
+}
+
+impl PurgeMode {
+    /// The name used in `?mode=` and in the report: `"purge"` or `"decay"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Purge => "purge",
+            Self::Decay => "decay",
+        }
+    }
+
+    /// The mode a query string asks for: the first `mode=` parameter, matched exactly;
+    /// `Ok(Purge)` without one.
+    fn from_query(query: Option<&str>) -> Result<Self, String> {
+        let Some(value) = crate::query::param(query, "mode") else {
+            return Ok(Self::Purge);
+        };
+        match value {
+            "purge" => Ok(Self::Purge),
+            "decay" => Ok(Self::Decay),
+            other => Err(format!(
+                "unknown purge mode {other:?}: use mode=purge (the default) or mode=decay"
+            )),
+        }
+    }
+}
+
 /// What one purge did: the statistics just before and just after it.
 ///
 /// Its JSON form (the body of `POST /debug/jemalloc/purge`) keeps the shape of Restate's purge
-/// endpoint so existing scripts keep working:
+/// endpoint so existing scripts keep working, and adds what ran and the OS's view:
 ///
 /// ```json
 /// {"before":{"allocated":…,"active":…,"metadata":…,"mapped":…,"retained":…,"resident":…,"dirty":…,"muzzy":…},
 ///  "after":{…the same keys…},
-///  "arenas_purged":4,"released_bytes":268435456,"duration_seconds":0.0213}
+///  "arenas_purged":4,"released_bytes":268435456,"duration_seconds":0.0213,"mode":"purge",
+///  "os":{"before":{"rss":…,"lazy_free":…},"after":{"rss":…,"lazy_free":…}}}
 /// ```
+///
+/// `os` is left out where the OS figures are not available (not Linux); `lazy_free` where
+/// `/proc/self/smaps_rollup` is not readable.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PurgeReport {
     /// Statistics read (after an epoch advance) just before the purge.
@@ -41,6 +88,10 @@ pub struct PurgeReport {
     pub arenas_purged: u32,
     /// How long the purge call itself took.
     pub duration: Duration,
+    /// What ran.
+    pub mode: PurgeMode,
+    /// The process's memory as the OS saw it before and after, where available.
+    pub os: Option<(ProcessMemory, ProcessMemory)>,
 }
 
 impl PurgeReport {
@@ -52,7 +103,7 @@ impl PurgeReport {
     /// The report as JSON; every byte figure is an integer.
     pub fn to_json(&self) -> String {
         use fmt::Write;
-        let mut out = String::with_capacity(512);
+        let mut out = String::with_capacity(640);
         out.push_str("{\"before\":");
         self.before.write_json(&mut out);
         out.push_str(",\"after\":");
@@ -60,11 +111,20 @@ impl PurgeReport {
         // Writing to a String cannot fail.
         let _ = write!(
             out,
-            ",\"arenas_purged\":{},\"released_bytes\":{},\"duration_seconds\":{}}}",
+            ",\"arenas_purged\":{},\"released_bytes\":{},\"duration_seconds\":{},\"mode\":\"{}\"",
             self.arenas_purged,
             self.released_bytes(),
-            self.duration.as_secs_f64()
+            self.duration.as_secs_f64(),
+            self.mode.as_str(),
         );
+        if let Some((before, after)) = &self.os {
+            out.push_str(",\"os\":{\"before\":");
+            before.write_json(&mut out);
+            out.push_str(",\"after\":");
+            after.write_json(&mut out);
+            out.push('}');
+        }
+        out.push('}');
         out
     }
 }
@@ -103,7 +163,9 @@ impl From<JemallocError> for PurgeError {
     }
 }
 
-/// Purges the unused pages of all arenas on the calling thread and reports what it released.
+/// Purges (or decays) the unused pages of all arenas on the calling thread and reports what it
+/// released. The purge telemetry of a layer's meter only counts purges made through its
+/// endpoint.
 ///
 /// This blocks the calling thread for the whole purge (about 100 ms per GiB of dirty pages):
 /// never call it on an async runtime worker; use a dedicated thread or your runtime's
@@ -114,10 +176,10 @@ impl From<JemallocError> for PurgeError {
 ///
 /// [`PurgeError::AlreadyRunning`] when another purge is running, and
 /// [`PurgeError::Jemalloc`] when jemalloc is unavailable or a mallctl call fails.
-pub fn purge_all_arenas() -> Result<PurgeReport, PurgeError> {
+pub fn purge_all_arenas(mode: PurgeMode) -> Result<PurgeReport, PurgeError> {
     let ctl = crate::ctl::ctl()?;
     let guard = PurgeGuard::acquire().ok_or(PurgeError::AlreadyRunning)?;
-    Ok(run_guarded(ctl, guard)?)
+    Ok(run_guarded(ctl, mode, guard)?)
 }
 
 /// The one purge-in-progress flag of the process.
@@ -144,18 +206,22 @@ impl Drop for PurgeGuard {
 }
 
 /// Reads stats, purges all arenas, reads stats again. Blocking.
-fn run(ctl: &Ctl) -> Result<PurgeReport, JemallocError> {
+fn run(ctl: &Ctl, mode: PurgeMode) -> Result<PurgeReport, JemallocError> {
+    let os_before = ProcessMemory::read();
     let before = ctl.snapshot()?;
     let arenas_purged = ctl.narenas()?;
     let start = Instant::now();
-    ctl.purge_all()?;
+    ctl.purge_all(mode)?;
     let duration = start.elapsed();
     let after = ctl.snapshot()?;
+    let os = os_before.zip(ProcessMemory::read());
     Ok(PurgeReport {
         before,
         after,
         arenas_purged,
         duration,
+        mode,
+        os,
     })
 }
 
@@ -172,12 +238,64 @@ pub(crate) struct PurgeEndpoint {
     pub(crate) access: Access,
     /// Minimum time from the end of one purge to the start of the next; zero disables.
     pub(crate) cooldown: Duration,
+    pub(crate) telemetry: PurgeTelemetry,
+}
+
+/// Purge metrics, recorded through the layer's meter: `jemalloc.purges` (attributes `result`
+/// = `ok`|`error` and `mode`), `jemalloc.purge.duration` (seconds, `mode`) and
+/// `jemalloc.purge.released` (bytes, `mode`), exported as `…_jemalloc_purges_total`,
+/// `…_jemalloc_purge_duration_seconds` and `…_jemalloc_purge_released_bytes_total`.
+#[derive(Debug, Clone)]
+pub(crate) struct PurgeTelemetry {
+    purges: Counter<u64>,
+    duration: Histogram<f64>,
+    released: Counter<u64>,
+}
+
+impl PurgeTelemetry {
+    pub(crate) fn new(meter: &Meter) -> Self {
+        Self {
+            purges: meter
+                .u64_counter("jemalloc.purges")
+                .with_description("Purges run through the purge endpoint, by result and mode")
+                .build(),
+            duration: meter
+                .f64_histogram("jemalloc.purge.duration")
+                .with_unit("s")
+                .with_description("Time the purge call took")
+                .with_boundaries(vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .build(),
+            released: meter
+                .u64_counter("jemalloc.purge.released")
+                .with_unit("By")
+                .with_description("Resident bytes released by purges")
+                .build(),
+        }
+    }
+
+    fn record(&self, mode: PurgeMode, result: &Result<PurgeReport, JemallocError>) {
+        let mode = KeyValue::new("mode", mode.as_str());
+        match result {
+            Ok(report) => {
+                self.purges
+                    .add(1, &[KeyValue::new("result", "ok"), mode.clone()]);
+                self.duration
+                    .record(report.duration.as_secs_f64(), std::slice::from_ref(&mode));
+                self.released.add(report.released_bytes(), &[mode]);
+            }
+            Err(_) => self
+                .purges
+                .add(1, &[KeyValue::new("result", "error"), mode]),
+        }
+    }
 }
 
 impl PurgeEndpoint {
     /// Answers a request on the purge path. Order of checks: method (405), access
-    /// (401/403), jemalloc availability (501/503), a purge already running (409), the
-    /// cooldown (429 with `Retry-After`); then the purge runs on a dedicated thread and the
+    /// (401/403), mode (400), jemalloc availability (501/503), a purge already running (409),
+    /// the cooldown (429 with `Retry-After`); then the purge runs on a dedicated thread and the
     /// future resolves when it reports. The request body is never read.
     pub(crate) fn respond<F>(&self, parts: &Parts) -> ResponseFuture<F> {
         if parts.method != Method::POST && parts.method != Method::PUT {
@@ -186,6 +304,12 @@ impl PurgeEndpoint {
         if let Some(refusal) = self.access.refusal(parts) {
             return ResponseFuture::local(refusal);
         }
+        let mode = match PurgeMode::from_query(parts.uri.query()) {
+            Ok(mode) => mode,
+            Err(reason) => {
+                return ResponseFuture::local(response::text(StatusCode::BAD_REQUEST, reason))
+            }
+        };
         let ctl = match crate::ctl::ctl() {
             Ok(ctl) => ctl,
             Err(e) => return ResponseFuture::local(e.to_response()),
@@ -214,10 +338,13 @@ impl PurgeEndpoint {
         }
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
+        let telemetry = self.telemetry.clone();
         let spawned = std::thread::Builder::new()
             .name("jemalloc-purge".to_owned())
             .spawn(move || {
-                let answer = match run_guarded(ctl, guard) {
+                let result = run_guarded(ctl, mode, guard);
+                telemetry.record(mode, &result);
+                let answer = match result {
                     Ok(report) => response::json(report.to_json()),
                     Err(e) => e.to_response(),
                 };
@@ -257,8 +384,12 @@ impl PurgeEndpoint {
 
 /// Runs a purge while holding the slot; records when it ended (for the cooldown) before the
 /// slot is released, so that no second purge can slip in between.
-fn run_guarded(ctl: &Ctl, guard: PurgeGuard) -> Result<PurgeReport, JemallocError> {
-    let result = run(ctl);
+fn run_guarded(
+    ctl: &Ctl,
+    mode: PurgeMode,
+    guard: PurgeGuard,
+) -> Result<PurgeReport, JemallocError> {
+    let result = run(ctl, mode);
     *LAST_PURGE_END.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     drop(guard);
     result
@@ -275,37 +406,75 @@ mod tests {
         }
     }
 
-    #[test]
-    fn released_bytes_saturates() {
-        let grew = PurgeReport {
-            before: stats(10),
-            after: stats(20),
+    fn report(before: u64, after: u64) -> PurgeReport {
+        PurgeReport {
+            before: stats(before),
+            after: stats(after),
             arenas_purged: 1,
             duration: Duration::ZERO,
-        };
+            mode: PurgeMode::Purge,
+            os: None,
+        }
+    }
+
+    #[test]
+    fn released_bytes_saturates() {
+        let grew = report(10, 20);
         assert_eq!(grew.released_bytes(), 0);
-        let shrank = PurgeReport {
-            before: stats(20),
-            after: stats(5),
-            ..grew
-        };
-        assert_eq!(shrank.released_bytes(), 15);
+        assert_eq!(report(20, 5).released_bytes(), 15);
     }
 
     #[test]
     fn json_keeps_restate_shape() {
-        let report = PurgeReport {
-            before: stats(4096),
-            after: stats(1024),
+        let mut report = PurgeReport {
             arenas_purged: 3,
             duration: Duration::from_millis(250),
+            mode: PurgeMode::Decay,
+            ..report(4096, 1024)
         };
         let json = report.to_json();
         assert!(json.starts_with(r#"{"before":{"allocated":0,"#), "{json}");
         assert!(
-            json.ends_with(r#""arenas_purged":3,"released_bytes":3072,"duration_seconds":0.25}"#),
+            json.ends_with(
+                r#""arenas_purged":3,"released_bytes":3072,"duration_seconds":0.25,"mode":"decay"}"#
+            ),
             "{json}"
         );
+        let os = |rss, lazy_free| ProcessMemory { rss, lazy_free };
+        report.os = Some((os(10, Some(2)), os(8, None)));
+        let json = report.to_json();
+        assert!(
+            json.ends_with(
+                r#""mode":"decay","os":{"before":{"rss":10,"lazy_free":2},"after":{"rss":8}}}"#
+            ),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn mode_comes_from_the_query() {
+        assert_eq!(PurgeMode::from_query(None), Ok(PurgeMode::Purge));
+        assert_eq!(PurgeMode::from_query(Some("")), Ok(PurgeMode::Purge));
+        assert_eq!(PurgeMode::from_query(Some("x=1&y")), Ok(PurgeMode::Purge));
+        assert_eq!(
+            PurgeMode::from_query(Some("mode=purge")),
+            Ok(PurgeMode::Purge)
+        );
+        assert_eq!(
+            PurgeMode::from_query(Some("a=b&mode=decay")),
+            Ok(PurgeMode::Decay)
+        );
+        assert_eq!(
+            PurgeMode::from_query(Some("mode=decay&mode=nope")),
+            Ok(PurgeMode::Decay)
+        );
+        for bad in ["mode=", "mode", "mode=Purge", "mode=purge%20", "mode=all"] {
+            let reason = PurgeMode::from_query(Some(bad)).unwrap_err();
+            assert!(
+                reason.contains("mode=purge") && reason.contains("mode=decay"),
+                "{reason}"
+            );
+        }
     }
 
     #[test]

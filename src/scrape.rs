@@ -158,10 +158,7 @@ impl Scrapes {
             }
             sender.send_replace(Some(Arc::new(rendered)));
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(job)),
-            Err(_) => job(),
-        }
+        crate::blocking::run(job);
         receiver
     }
 

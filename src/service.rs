@@ -59,6 +59,7 @@ impl<S: fmt::Debug> fmt::Debug for JemallocService<S> {
             .field("inner", &self.inner)
             .field("metrics_path", &self.shared.metrics_path())
             .field("purge_path", &self.shared.purge_path())
+            .field("stats_path", &self.shared.stats_path())
             .finish()
     }
 }
@@ -83,14 +84,17 @@ where
             Endpoint::Metrics
         } else if shared.purge_path() == Some(path) {
             Endpoint::Purge
+        } else if shared.stats_path() == Some(path) {
+            Endpoint::Stats
         } else {
             return ResponseFuture::inner(self.inner.call(req));
         };
         // The body of an intercepted request is dropped unread.
         let (parts, _body) = req.into_parts();
-        match (endpoint, &shared.metrics, &shared.purge) {
-            (Endpoint::Metrics, Some(metrics), _) => metrics.respond(&parts),
-            (Endpoint::Purge, _, Some(purge)) => purge.respond(&parts),
+        match (endpoint, &shared.metrics, &shared.purge, &shared.stats) {
+            (Endpoint::Metrics, Some(metrics), _, _) => metrics.respond(&parts),
+            (Endpoint::Purge, _, Some(purge), _) => purge.respond(&parts),
+            (Endpoint::Stats, _, _, Some(stats)) => stats.respond(&parts),
             _ => unreachable!("the endpoint matched a configured path"),
         }
     }
@@ -99,4 +103,5 @@ where
 enum Endpoint {
     Metrics,
     Purge,
+    Stats,
 }

@@ -55,6 +55,7 @@ fn path() -> impl Strategy<Value = String> {
         // The two endpoints exactly: their statuses are checked below.
         2 => Just("/metrics".to_owned()),
         2 => Just("/debug/jemalloc/purge".to_owned()),
+        1 => Just("/debug/jemalloc/stats".to_owned()),
         // Near misses and noise.
         6 => (prop::collection::vec(segment(), 0..8), any::<bool>()).prop_map(|(segments, trailing)| {
             let mut path = format!("/{}", segments.join("/"));
@@ -69,6 +70,10 @@ fn path() -> impl Strategy<Value = String> {
 fn query() -> impl Strategy<Value = Option<String>> {
     prop_oneof![
         2 => Just(None),
+        1 => prop::sample::select(vec![
+            "mode=purge", "mode=decay", "mode=", "mode=all", "format=text", "format=json",
+            "format=xml", "format", "x=1&mode=decay",
+        ]).prop_map(|q| Some(q.to_owned())),
         2 => "[A-Za-z0-9=&%._~+-]{0,64}".prop_map(Some),
         1 => long("[A-Za-z0-9=&]{1,8}", 250..1000).prop_map(Some),
     ]
@@ -162,16 +167,41 @@ fn generated_requests_get_their_documented_answers() {
             let v = v.as_bytes();
             v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") && v[7..].trim_ascii() == TOKEN.as_bytes()
         });
+        // The first `name=` parameter, as the layer reads it.
+        let param = |name: &str| {
+            uri.query()?.split('&').find_map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (key == name).then_some(value)
+            })
+        };
+        let get = method == Method::GET || method == Method::HEAD;
         let expected: Option<&[StatusCode]> = match uri.path() {
-            "/metrics" if method == Method::GET || method == Method::HEAD => Some(&[StatusCode::OK]),
+            "/metrics" if get => Some(&[StatusCode::OK]),
             "/metrics" => Some(&[StatusCode::METHOD_NOT_ALLOWED]),
             "/debug/jemalloc/purge" if method != Method::POST && method != Method::PUT => {
                 Some(&[StatusCode::METHOD_NOT_ALLOWED])
             }
-            "/debug/jemalloc/purge" if !authorized => Some(&[StatusCode::UNAUTHORIZED]),
-            "/debug/jemalloc/purge" => {
-                Some(&[StatusCode::OK, StatusCode::CONFLICT, StatusCode::TOO_MANY_REQUESTS])
+            // The stats endpoint is guarded like purge (no rules of its own here).
+            "/debug/jemalloc/purge" | "/debug/jemalloc/stats" if get || method == Method::POST || method == Method::PUT => {
+                if uri.path() == "/debug/jemalloc/stats" && !get {
+                    Some(&[StatusCode::METHOD_NOT_ALLOWED])
+                } else if !authorized {
+                    Some(&[StatusCode::UNAUTHORIZED])
+                } else if uri.path() == "/debug/jemalloc/stats" {
+                    match param("format") {
+                        None | Some("json") | Some("text") => Some(&[StatusCode::OK]),
+                        Some(_) => Some(&[StatusCode::BAD_REQUEST]),
+                    }
+                } else {
+                    match param("mode") {
+                        None | Some("purge") | Some("decay") => {
+                            Some(&[StatusCode::OK, StatusCode::CONFLICT, StatusCode::TOO_MANY_REQUESTS])
+                        }
+                        Some(_) => Some(&[StatusCode::BAD_REQUEST]),
+                    }
+                }
             }
+            "/debug/jemalloc/stats" => Some(&[StatusCode::METHOD_NOT_ALLOWED]),
             _ => None,
         };
         match expected {

@@ -124,7 +124,7 @@ async fn a_purge_while_one_runs_gets_409() {
 fn purge_all_arenas_is_usable_without_http() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     churn(32);
-    let report = tower_jemalloc::purge_all_arenas().unwrap();
+    let report = tower_jemalloc::purge_all_arenas(tower_jemalloc::PurgeMode::Purge).unwrap();
     assert!(report.before.dirty >= 16 * MIB, "{report:?}");
     assert!(report.after.dirty < report.before.dirty);
     assert!(report.to_json().contains("\"released_bytes\":"));

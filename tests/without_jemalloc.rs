@@ -75,7 +75,7 @@ fn the_library_api_says_why() {
     let (_, error) = EXPECTED;
     assert_eq!(tower_jemalloc::JemallocStats::read(), Err(error.clone()));
     assert_eq!(
-        tower_jemalloc::purge_all_arenas(),
+        tower_jemalloc::purge_all_arenas(tower_jemalloc::PurgeMode::Purge),
         Err(PurgeError::Jemalloc(error.clone()))
     );
     let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder().build();

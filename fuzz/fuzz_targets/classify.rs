@@ -38,6 +38,7 @@ struct Input<'a> {
 enum Endpointish<'a> {
     Metrics,
     Purge,
+    Stats,
     Prefixed(&'a str),
     Raw(&'a str),
 }
@@ -99,6 +100,7 @@ fuzz_target!(|input: Input<'_>| {
     let path = match input.path {
         Endpointish::Metrics => "/metrics".to_owned(),
         Endpointish::Purge => "/debug/jemalloc/purge".to_owned(),
+        Endpointish::Stats => "/debug/jemalloc/stats".to_owned(),
         Endpointish::Prefixed(rest) => format!("/metrics{rest}"),
         Endpointish::Raw(raw) => format!("/{raw}"),
     };
@@ -143,11 +145,19 @@ fuzz_target!(|input: Input<'_>| {
         }
         "/debug/jemalloc/purge" if method == Method::POST || method == Method::PUT => Some(&[
             StatusCode::OK,
+            StatusCode::BAD_REQUEST,
             StatusCode::UNAUTHORIZED,
             StatusCode::CONFLICT,
             StatusCode::TOO_MANY_REQUESTS,
         ]),
-        "/metrics" | "/debug/jemalloc/purge" => Some(&[StatusCode::METHOD_NOT_ALLOWED]),
+        "/debug/jemalloc/stats" if method == Method::GET || method == Method::HEAD => Some(&[
+            StatusCode::OK,
+            StatusCode::BAD_REQUEST,
+            StatusCode::UNAUTHORIZED,
+        ]),
+        "/metrics" | "/debug/jemalloc/purge" | "/debug/jemalloc/stats" => {
+            Some(&[StatusCode::METHOD_NOT_ALLOWED])
+        }
         _ => None,
     };
     match intercepted {
