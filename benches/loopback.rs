@@ -1,0 +1,385 @@
+//! Loopback figures that need a real server: P1 passthrough throughput, P3 coalescing, P4
+//! purge isolation, P5 reclaim. Prints its figures; asserts nothing (the tests assert the
+//! behaviour).
+//!
+//! `cargo bench --bench loopback [-- passthrough|coalescing|isolation|reclaim]`
+
+use axum::extract::Request;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use prometheus::core::{Collector, Desc};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tower::{Layer, ServiceExt};
+use tower_jemalloc::{JemallocLayer, JemallocStats, PurgeMode};
+
+#[global_allocator]
+static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn main() {
+    let selected: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |name: &str| selected.is_empty() || selected.iter().any(|s| s == name);
+    println!(
+        "machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if run("passthrough") {
+        passthrough();
+    }
+    if run("coalescing") {
+        coalescing();
+    }
+    if run("isolation") {
+        isolation();
+    }
+    if run("reclaim") {
+        reclaim();
+    }
+}
+
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Serves `app` on a loopback port of `runtime`.
+fn serve(
+    runtime: &tokio::runtime::Runtime,
+    app: axum::routing::RouterIntoService<axum::body::Body>,
+) -> SocketAddr {
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, tower::make::Shared::new(app))
+                .await
+                .unwrap();
+        });
+        addr
+    })
+}
+
+fn serve_layered(
+    runtime: &tokio::runtime::Runtime,
+    router: Router,
+    layer: JemallocLayer,
+) -> SocketAddr {
+    let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                axum::ServiceExt::<Request>::into_make_service(app),
+            )
+            .await
+            .unwrap();
+        });
+        addr
+    })
+}
+
+/// Drives `connections` keep-alive connections at `path` until `until`, returning each
+/// request's latency.
+async fn load(
+    addr: SocketAddr,
+    connections: usize,
+    path: &'static str,
+    until: Instant,
+) -> Vec<Duration> {
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut latencies = Vec::new();
+            while Instant::now() < until {
+                let request = http::Request::get(path)
+                    .header("host", "127.0.0.1")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let start = Instant::now();
+                sender.ready().await.unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                assert!(response.status().is_success());
+                response.into_body().collect().await.unwrap();
+                latencies.push(start.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+/// P1: throughput of a trivial handler with and without the layer, interleaved.
+fn passthrough() {
+    const ROUNDS: usize = 5;
+    const CONNECTIONS: usize = 16;
+    const RUN: Duration = Duration::from_secs(2);
+    // One core serves, one drives the load.
+    let server = runtime(1);
+    let client = runtime(1);
+    let router = || Router::new().route("/", get(|| async { "ok" }));
+    let bare = serve(&server, router().into_service());
+    let layered = serve_layered(&server, router(), JemallocLayer::new());
+
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Alternate which goes first, so drift hits both alike.
+        let order = if round % 2 == 0 {
+            [bare, layered]
+        } else {
+            [layered, bare]
+        };
+        for addr in order {
+            let done = client
+                .block_on(load(addr, CONNECTIONS, "/", Instant::now() + RUN))
+                .len();
+            let rate = done as f64 / RUN.as_secs_f64();
+            if addr == bare {
+                without.push(rate)
+            } else {
+                with.push(rate)
+            }
+        }
+    }
+    let spread = |v: &[f64]| {
+        let min = v.iter().cloned().fold(f64::MAX, f64::min);
+        let max = v.iter().cloned().fold(0.0, f64::max);
+        format!("min {min:.0}, max {max:.0}")
+    };
+    let (s_without, s_with) = (spread(&without), spread(&with));
+    let (m_without, m_with) = (median(&mut without), median(&mut with));
+    println!("passthrough: {CONNECTIONS} connections, {ROUNDS} interleaved rounds of {RUN:?}");
+    println!("  without layer: median {m_without:.0} req/s ({s_without})");
+    println!("  with layer:    median {m_with:.0} req/s ({s_with})");
+    println!("  ratio with/without: {:.3}", m_with / m_without);
+}
+
+/// Counts renders of the registry it is registered in.
+struct RenderCounter(Desc, Arc<AtomicUsize>);
+
+impl Collector for RenderCounter {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.0]
+    }
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        Vec::new()
+    }
+}
+
+/// P3: 64 concurrent scrapes, 20 times over: renders per burst.
+fn coalescing() {
+    const BURST: usize = 64;
+    const BURSTS: usize = 20;
+    let server = runtime(2);
+    let client = runtime(1);
+    let layer = JemallocLayer::builder()
+        .max_concurrent_scrapes(BURST)
+        .build()
+        .unwrap();
+    let renders = Arc::new(AtomicUsize::new(0));
+    let desc = Desc::new(
+        "renders".into(),
+        "renders".into(),
+        vec![],
+        Default::default(),
+    )
+    .unwrap();
+    layer
+        .registry()
+        .register(Box::new(RenderCounter(desc, Arc::clone(&renders))))
+        .unwrap();
+    let addr = serve_layered(&server, Router::new(), layer);
+
+    let mut per_burst = Vec::new();
+    let mut times = Vec::new();
+    client.block_on(async {
+        // Connections are opened once; each burst sends one scrape on each.
+        let mut senders = Vec::new();
+        for _ in 0..BURST {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            senders.push(sender);
+        }
+        for _ in 0..BURSTS {
+            let before = renders.load(Ordering::SeqCst);
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for mut sender in senders.drain(..) {
+                tasks.push(tokio::spawn(async move {
+                    let request = http::Request::get("/metrics")
+                        .header("host", "127.0.0.1")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    sender.ready().await.unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    assert!(response.status().is_success());
+                    response.into_body().collect().await.unwrap();
+                    sender
+                }));
+            }
+            for task in tasks {
+                senders.push(task.await.unwrap());
+            }
+            times.push(start.elapsed());
+            per_burst.push(renders.load(Ordering::SeqCst) - before);
+        }
+    });
+    times.sort();
+    println!(
+        "coalescing: {BURSTS} bursts of {BURST} concurrent scrapes: renders per burst max {}, mean {:.2}; burst answered in median {:?} (max {:?})",
+        per_burst.iter().max().unwrap(),
+        per_burst.iter().sum::<usize>() as f64 / BURSTS as f64,
+        times[times.len() / 2],
+        times[times.len() - 1],
+    );
+}
+
+/// Allocates `mib` MiB in 1 KiB blocks, touches them and frees them, on its own thread.
+fn churn(mib: usize) {
+    std::thread::spawn(move || {
+        let blocks: Vec<Box<[u8; 1024]>> =
+            (0..mib * 1024).map(|i| Box::new([i as u8; 1024])).collect();
+        drop(std::hint::black_box(blocks));
+    })
+    .join()
+    .unwrap();
+}
+
+/// P4: p99 of forwarded requests while a 1 GiB purge runs: through the layer (dedicated
+/// thread) vs inline on a runtime worker, vs no purge.
+fn isolation() {
+    const CONNECTIONS: usize = 8;
+    const WINDOW: Duration = Duration::from_millis(2000);
+    const PURGE_AT: Duration = Duration::from_millis(300);
+    let server = runtime(2);
+    let client = runtime(1);
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        // What not to do: a purge inside an async handler blocks its worker.
+        .route(
+            "/inline-purge",
+            post(|| async {
+                let report = tower_jemalloc::purge_all_arenas(PurgeMode::Purge).unwrap();
+                report.to_json()
+            }),
+        );
+    let layer = JemallocLayer::builder()
+        .purge_cooldown(Duration::ZERO)
+        .build()
+        .unwrap();
+    let addr = serve_layered(&server, router, layer);
+
+    let scenario = |purge_path: Option<&'static str>| -> (Vec<Duration>, Option<f64>) {
+        if purge_path.is_some() {
+            churn(1024);
+        }
+        client.block_on(async {
+            let until = Instant::now() + WINDOW;
+            let purge = tokio::spawn(async move {
+                let path = purge_path?;
+                tokio::time::sleep(PURGE_AT).await;
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let request = http::Request::post(path)
+                    .header("host", "127.0.0.1")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                let report: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                report["duration_seconds"].as_f64()
+            });
+            let mut latencies = load(addr, CONNECTIONS, "/", until).await;
+            latencies.sort();
+            (latencies, purge.await.unwrap())
+        })
+    };
+    println!("purge isolation: {CONNECTIONS} connections over {WINDOW:?}, a purge of 1 GiB of dirty pages {PURGE_AT:?} in");
+    for (name, path) in [
+        ("baseline (no purge)", None),
+        ("purge via the layer", Some("/debug/jemalloc/purge")),
+        ("purge inline on a worker", Some("/inline-purge")),
+        ("baseline again", None),
+    ] {
+        let (latencies, purge_seconds) = scenario(path);
+        println!(
+            "  {name:<26} {} requests, p50 {:?}, p99 {:?}, max {:?}{}",
+            latencies.len(),
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.99),
+            latencies[latencies.len() - 1],
+            purge_seconds.map_or(String::new(), |s| format!(", purge took {:.1} ms", s * 1e3)),
+        );
+    }
+}
+
+/// P5: share of dirty + muzzy bytes one purge gives back after freeing 1 GiB in 1 KiB blocks,
+/// and the purge's duration per GiB.
+fn reclaim() {
+    let mut shares = Vec::new();
+    let mut per_gib = Vec::new();
+    for _ in 0..3 {
+        churn(1024);
+        let report = tower_jemalloc::purge_all_arenas(PurgeMode::Purge).unwrap();
+        let unused = |s: &JemallocStats| (s.dirty + s.muzzy) as f64;
+        let share = 1.0 - unused(&report.after) / unused(&report.before);
+        shares.push(share);
+        let gib = (unused(&report.before) - unused(&report.after)) / (1024.0 * MIB);
+        per_gib.push(report.duration.as_secs_f64() * 1e3 / gib);
+        println!(
+            "  reclaim run: dirty+muzzy {:.1} MiB -> {:.1} MiB ({:.2}% given back), purge {:.1} ms, released {:.1} MiB resident",
+            unused(&report.before) / MIB,
+            unused(&report.after) / MIB,
+            share * 100.0,
+            report.duration.as_secs_f64() * 1e3,
+            report.released_bytes() as f64 / MIB,
+        );
+    }
+    println!(
+        "reclaim: median {:.2}% of dirty+muzzy given back; median {:.1} ms per GiB purged",
+        median(&mut shares) * 100.0,
+        median(&mut per_gib)
+    );
+}
