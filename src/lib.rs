@@ -89,6 +89,7 @@ mod access;
 mod blocking;
 mod body;
 mod ctl;
+mod encode;
 #[cfg(jemalloc)]
 mod fault;
 mod future;

@@ -45,6 +45,8 @@ pub(crate) struct Scrapes {
     gzip: bool,
     limit: usize,
     in_flight: AtomicUsize,
+    /// The size of the last render, to size the next one's buffer.
+    last_len: AtomicUsize,
     /// The render in progress, if any: its generation and a receiver for its result.
     current: Mutex<Current>,
 }
@@ -76,6 +78,7 @@ impl Scrapes {
             gzip,
             limit,
             in_flight: AtomicUsize::new(0),
+            last_len: AtomicUsize::new(0),
             current: Mutex::default(),
         }
     }
@@ -146,7 +149,11 @@ impl Scrapes {
         let receiver = sender.subscribe();
         let scrapes = Arc::clone(this);
         let job = move || {
-            let rendered = scrapes.render(gzip);
+            // A collector the application registered may panic; the scrape still gets an
+            // answer (500) and the next scrape starts a fresh render.
+            let rendered =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scrapes.render(gzip)))
+                    .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
             // Stop accepting joiners before publishing: a scrape that arrives once the render
             // is finished must not get data gathered before it arrived, so it starts a render
             // of its own.
@@ -165,12 +172,14 @@ impl Scrapes {
     /// Gathers and encodes the registry (and gzips it when the scrape that started the render
     /// wants gzip). Blocking.
     fn render(&self, gzip: bool) -> Result<Render, String> {
-        use prometheus::Encoder;
         let families = self.registry.gather();
-        let mut text = Vec::with_capacity(16 * 1024);
-        prometheus::TextEncoder::new()
-            .encode(&families, &mut text)
+        // Size the buffer from the last render, so a large exposition is not regrown (and
+        // copied) a dozen times on every scrape.
+        let last = self.last_len.load(Ordering::Relaxed);
+        let mut text = String::with_capacity((last + last / 8).max(4096));
+        crate::encode::encode(&families, &mut text)
             .map_err(|e| format!("cannot encode metrics: {e}"))?;
+        self.last_len.store(text.len(), Ordering::Relaxed);
         let text = Bytes::from(text);
         let render = Render {
             text,
