@@ -201,14 +201,22 @@ impl Collector for RenderCounter {
     }
 }
 
-/// P3: 64 concurrent scrapes, 20 times over: renders per burst.
+/// P3: 64 concurrent scrapes, 20 times over: renders per burst, without and with a reuse
+/// window.
 fn coalescing() {
+    for window in [Duration::ZERO, Duration::from_millis(5)] {
+        coalescing_with(window);
+    }
+}
+
+fn coalescing_with(window: Duration) {
     const BURST: usize = 64;
     const BURSTS: usize = 20;
     let server = runtime(2);
     let client = runtime(1);
     let layer = JemallocLayer::builder()
         .max_concurrent_scrapes(BURST)
+        .scrape_reuse_window(window)
         .build()
         .unwrap();
     let renders = Arc::new(AtomicUsize::new(0));
@@ -264,7 +272,7 @@ fn coalescing() {
     });
     times.sort();
     println!(
-        "coalescing: {BURSTS} bursts of {BURST} concurrent scrapes: renders per burst max {}, mean {:.2}; burst answered in median {:?} (max {:?})",
+        "coalescing (reuse window {window:?}): {BURSTS} bursts of {BURST} concurrent scrapes over loopback: renders per burst max {}, mean {:.2}; burst answered in median {:?} (max {:?})",
         per_burst.iter().max().unwrap(),
         per_burst.iter().sum::<usize>() as f64 / BURSTS as f64,
         times[times.len() / 2],
@@ -364,6 +372,10 @@ fn reclaim() {
         churn(1024);
         let report = tower_jemalloc::purge_all_arenas(PurgeMode::Purge).unwrap();
         let unused = |s: &JemallocStats| (s.dirty + s.muzzy) as f64;
+        assert!(
+            unused(&report.before) > 900.0 * MIB,
+            "the churn left dirty pages"
+        );
         let share = 1.0 - unused(&report.after) / unused(&report.before);
         shares.push(share);
         let gib = (unused(&report.before) - unused(&report.after)) / (1024.0 * MIB);

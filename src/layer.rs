@@ -160,6 +160,7 @@ pub struct JemallocLayerBuilder {
     purge_token: Option<String>,
     purge_cooldown: Duration,
     max_concurrent_scrapes: usize,
+    scrape_reuse_window: Duration,
     gzip: bool,
     stats_path: Option<String>,
     stats_access: Option<Access>,
@@ -180,6 +181,7 @@ impl Default for JemallocLayerBuilder {
             purge_token: None,
             purge_cooldown: DEFAULT_PURGE_COOLDOWN,
             max_concurrent_scrapes: DEFAULT_MAX_CONCURRENT_SCRAPES,
+            scrape_reuse_window: Duration::ZERO,
             gzip: true,
             stats_path: Some(DEFAULT_STATS_PATH.to_owned()),
             stats_access: None,
@@ -209,6 +211,7 @@ impl fmt::Debug for JemallocLayerBuilder {
             )
             .field("purge_cooldown", &self.purge_cooldown)
             .field("max_concurrent_scrapes", &self.max_concurrent_scrapes)
+            .field("scrape_reuse_window", &self.scrape_reuse_window)
             .field("gzip", &self.gzip)
             .field("stats_path", &self.stats_path)
             .field("stats_access", &self.stats_access)
@@ -354,6 +357,16 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// Lets a render that finished less than `window` ago answer new scrapes too (default:
+    /// zero, so every scrape gets data gathered after it arrived). Scrapes in flight together
+    /// always share one render; a window also merges scrapes that arrive one after another,
+    /// bounding renders to about one per window under a scrape storm, at the price of data up
+    /// to `window` old.
+    pub fn scrape_reuse_window(mut self, window: Duration) -> Self {
+        self.scrape_reuse_window = window;
+        self
+    }
+
     /// Whether `/metrics` is gzip-compressed for clients whose `Accept-Encoding` allows it
     /// (default `true`; Prometheus always asks for gzip).
     pub fn gzip(mut self, enabled: bool) -> Self {
@@ -491,6 +504,7 @@ impl JemallocLayerBuilder {
                 registry.clone(),
                 self.gzip,
                 self.max_concurrent_scrapes,
+                self.scrape_reuse_window,
             )),
         });
         let purge = purge_path.map(|path| PurgeEndpoint {

@@ -3,8 +3,10 @@
 //! and bounds how many scrapes are in flight.
 //!
 //! - **Coalescing**: a scrape that arrives while a render is running waits for that render
-//!   instead of starting another, so a burst of scrapes costs one render (and one jemalloc
-//!   epoch advance). The data is at most one render old.
+//!   instead of starting another, so scrapes in flight together cost one render (and one
+//!   jemalloc epoch advance). A scrape never gets data gathered before it arrived, unless a
+//!   reuse window is configured: then a render that finished less than that long ago answers
+//!   it too, which bounds renders to about one per window under a scrape storm.
 //! - **Off the workers**: on a tokio runtime the render (gathering the OpenTelemetry SDK, which
 //!   runs every observable callback, then encoding) runs on the blocking pool; outside one it
 //!   runs inline.
@@ -27,6 +29,7 @@ use http_body_util::Full;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The default number of scrapes that may be in flight at once.
@@ -44,6 +47,8 @@ pub(crate) struct Scrapes {
     registry: prometheus::Registry,
     gzip: bool,
     limit: usize,
+    /// A render that finished less than this long ago answers new scrapes too.
+    reuse_window: Duration,
     in_flight: AtomicUsize,
     /// The size of the last render, to size the next one's buffer.
     last_len: AtomicUsize,
@@ -55,6 +60,8 @@ pub(crate) struct Scrapes {
 struct Current {
     generation: u64,
     running: Option<watch::Receiver<Option<Rendered>>>,
+    /// The last finished render and when it finished, kept only with a reuse window.
+    last: Option<(Instant, Rendered)>,
 }
 
 /// The outcome of one render, shared by every scrape that waited for it.
@@ -72,11 +79,17 @@ impl Render {
 }
 
 impl Scrapes {
-    pub(crate) fn new(registry: prometheus::Registry, gzip: bool, limit: usize) -> Self {
+    pub(crate) fn new(
+        registry: prometheus::Registry,
+        gzip: bool,
+        limit: usize,
+        reuse_window: Duration,
+    ) -> Self {
         Self {
             registry,
             gzip,
             limit,
+            reuse_window,
             in_flight: AtomicUsize::new(0),
             last_len: AtomicUsize::new(0),
             current: Mutex::default(),
@@ -141,6 +154,11 @@ impl Scrapes {
             if let Some(running) = &current.running {
                 return running.clone();
             }
+            if let Some((finished, rendered)) = &current.last {
+                if finished.elapsed() < this.reuse_window {
+                    return watch::channel(Some(Arc::clone(rendered))).1;
+                }
+            }
             let (sender, receiver) = watch::channel(None);
             current.generation += 1;
             current.running = Some(receiver);
@@ -154,6 +172,7 @@ impl Scrapes {
             let rendered =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scrapes.render(gzip)))
                     .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
+            let rendered = Arc::new(rendered);
             // Stop accepting joiners before publishing: a scrape that arrives once the render
             // is finished must not get data gathered before it arrived, so it starts a render
             // of its own.
@@ -161,9 +180,12 @@ impl Scrapes {
                 let mut current = scrapes.current.lock().unwrap_or_else(|e| e.into_inner());
                 if current.generation == generation {
                     current.running = None;
+                    if !scrapes.reuse_window.is_zero() {
+                        current.last = Some((Instant::now(), Arc::clone(&rendered)));
+                    }
                 }
             }
-            sender.send_replace(Some(Arc::new(rendered)));
+            sender.send_replace(Some(rendered));
         };
         crate::blocking::run(job);
         receiver

@@ -269,3 +269,45 @@ async fn exporter_errors_are_500_with_the_reason() {
     assert_eq!(answer.text().lines().count(), 1);
     assert!(seen.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_reuse_window_merges_scrapes_that_follow_each_other() {
+    let probe = Probe::default();
+    let layer = JemallocLayer::builder()
+        .scrape_reuse_window(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    layer.registry().register(Box::new(probe.clone())).unwrap();
+    let (echo, _) = recording_echo();
+    let mut service = layer.layer(echo);
+
+    for _ in 0..5 {
+        assert_eq!(
+            send(&mut service, request("GET", "/metrics")).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        probe.renders.load(Ordering::SeqCst),
+        1,
+        "one render answered all five"
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    send(&mut service, request("GET", "/metrics")).await;
+    assert_eq!(
+        probe.renders.load(Ordering::SeqCst),
+        2,
+        "after the window, a fresh render"
+    );
+
+    // Without a window (the default), scrapes one after another each get a fresh render.
+    let probe = Probe::default();
+    let layer = JemallocLayer::new();
+    layer.registry().register(Box::new(probe.clone())).unwrap();
+    let (echo, _) = recording_echo();
+    let mut service = layer.layer(echo);
+    for _ in 0..3 {
+        send(&mut service, request("GET", "/metrics")).await;
+    }
+    assert_eq!(probe.renders.load(Ordering::SeqCst), 3);
+}
