@@ -143,8 +143,10 @@ async fn churn(
     // Allocating gigabytes takes a while: keep it off the async workers.
     let result = tokio::task::spawn_blocking(move || {
         let before = JemallocStats::read()?;
-        let blocks: Vec<Box<[u8; 1024]>> =
-            (0..mib * 1024).map(|i| Box::new([i as u8; 1024])).collect();
+        // black_box keeps the optimiser from eliding the allocations.
+        let blocks: Vec<Box<[u8; 1024]>> = (0..mib * 1024)
+            .map(|i| std::hint::black_box(Box::new([i as u8; 1024])))
+            .collect();
         let held = JemallocStats::read()?;
         drop(std::hint::black_box(blocks));
         let after = JemallocStats::read()?;

@@ -220,7 +220,9 @@ pub const GAUGES: [&str; 8] = [
 /// Allocates `mib` MiB in 1 KiB blocks, touches every block, and frees them all: afterwards
 /// jemalloc holds about that much in dirty pages.
 pub fn churn(mib: usize) {
-    let blocks: Vec<Box<[u8; 1024]>> = (0..mib * 1024).map(|i| Box::new([i as u8; 1024])).collect();
-    std::hint::black_box(&blocks);
-    drop(blocks);
+    // Every block goes through black_box: without it the optimiser may elide the allocations.
+    let blocks: Vec<Box<[u8; 1024]>> = (0..mib * 1024)
+        .map(|i| std::hint::black_box(Box::new([i as u8; 1024])))
+        .collect();
+    drop(std::hint::black_box(blocks));
 }
