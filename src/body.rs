@@ -41,6 +41,14 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// An empty body, as middleware that answers on its own needs (tower-http's `Timeout` builds its
+/// 408 from `ResBody::default()`), whatever `B` is.
+impl<B> Default for ResponseBody<B> {
+    fn default() -> Self {
+        Self::local(Full::default())
+    }
+}
+
 impl<B> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.kind {
@@ -80,5 +88,33 @@ where
             Kind::Inner { body } => body.size_hint(),
             Kind::Local { body } => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body type without `Default`: the impl must not need one.
+    struct NoDefault;
+
+    impl Body for NoDefault {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn default_is_an_empty_body() {
+        let body = ResponseBody::<NoDefault>::default();
+        assert!(body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(0));
+        assert!(body.collect().await.unwrap().to_bytes().is_empty());
     }
 }

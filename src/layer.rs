@@ -31,8 +31,9 @@ const SCOPE_NAME: &str = "tower-jemalloc";
 ///
 /// Outermost, around the whole application (`layer.layer(router)` in axum,
 /// `Server::builder().layer(..)` in tonic), so that its paths answer whatever the router does.
-/// axum's `Router::layer` only wraps matched routes and `route_layer` even less: a layer added
-/// there never sees `/metrics` unless the router has such a route.
+/// axum's `Router::layer` works too (axum 0.8 applies it to the fallback as well) but runs
+/// after routing, so a nested router sees paths without its prefix; `route_layer` never sees
+/// unmatched paths and does not work.
 ///
 /// # Example
 ///

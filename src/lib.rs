@@ -75,6 +75,78 @@
 //! nested under a prefix sees the path without that prefix. `route_layer` never sees unmatched
 //! paths and does not work.
 //!
+//! With tonic, give the layer to `Server::builder()`, which wraps every route with it. tonic
+//! speaks HTTP/2 only unless `accept_http1(true)`, and Prometheus scrapes over HTTP/1.1; gRPC
+//! clients keep using HTTP/2 on the same port:
+//!
+//! ```no_run
+//! use tonic::transport::Server;
+//! use tower_jemalloc::JemallocLayer;
+//!
+//! #[global_allocator]
+//! static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let (_reporter, health_service) = tonic_health::server::health_reporter();
+//!     Server::builder()
+//!         .accept_http1(true)
+//!         .layer(JemallocLayer::new())
+//!         .add_service(health_service)
+//!         .serve("127.0.0.1:9071".parse()?)
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! With plain hyper, wrap your service and hand it to hyper-util's `TowerToHyperService`;
+//! the `auto` connection builder serves HTTP/1.1 and HTTP/2 alike:
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use hyper::body::Incoming;
+//! use hyper_util::rt::{TokioExecutor, TokioIo};
+//! use hyper_util::server::conn::auto;
+//! use hyper_util::service::TowerToHyperService;
+//! use tower::Layer;
+//! use tower_jemalloc::JemallocLayer;
+//!
+//! #[global_allocator]
+//! static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+//!
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let app = tower::service_fn(|_req: Request<Incoming>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
+//!     });
+//!     let service = JemallocLayer::new().layer(app);
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:9072").await?;
+//!     loop {
+//!         let (stream, _) = listener.accept().await?;
+//!         let service = TowerToHyperService::new(service.clone());
+//!         tokio::spawn(async move {
+//!             let http = auto::Builder::new(TokioExecutor::new());
+//!             let _ = http.serve_connection(TokioIo::new(stream), service).await;
+//!         });
+//!     }
+//! }
+//! ```
+//!
+//! The `tonic`, `hyper` and `service_builder` examples add flags and a graceful Ctrl-C
+//! shutdown; `two_readers` shares one meter provider between `/metrics` and a push reader.
+//!
+//! # Where to put the layer
+//!
+//! Around the whole application, so that `/metrics` and the purge path answer whatever the
+//! routes are. In a [`tower::ServiceBuilder`] stack the position also decides what the other
+//! layers see: a layer *outside* (added before it) sees every request, scrapes and purges
+//! included — right for access logs and request metrics, but a timeout there also bounds a
+//! purge of many GiB, and an authentication layer there also guards `/metrics`. A layer
+//! *inside* (added after it) only sees the requests the jemalloc layer forwards: right for
+//! handler timeouts and response compression (`/metrics` gzips itself).
+//!
 //! # Without jemalloc
 //!
 //! On targets where jemalloc does not build (MSVC), or with the default `jemalloc` feature

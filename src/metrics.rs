@@ -6,7 +6,9 @@
 //! runs first) finds that it already reported the current snapshot, so it takes a new one; the
 //! other seven read that new snapshot. This works for any reader (Prometheus pull, a periodic
 //! OTLP reader, several at once) because it relies only on each collection running each
-//! callback once.
+//! callback once. When two readers collect at the very same moment, their callbacks interleave:
+//! an export may then mix gauges of two snapshots (each value still a real reading) and the
+//! epoch may advance once more than strictly needed.
 
 use crate::stats::{JemallocError, JemallocStats};
 use opentelemetry::metrics::Meter;

@@ -1,6 +1,8 @@
-//! Helpers shared by the integration tests: a recording echo service, a one-call driver and a
-//! parser for the Prometheus text format.
+//! Helpers shared by the integration tests: a recording echo service, a one-call driver, a
+//! parser for the Prometheus text format, and HTTP/1.1 and HTTP/2 clients (`client`).
 #![allow(dead_code, unreachable_pub)]
+
+pub mod client;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};

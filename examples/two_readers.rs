@@ -1,0 +1,217 @@
+//! One `SdkMeterProvider`, two readers: Prometheus pulls `/metrics` (served by the layer) while a
+//! `PeriodicReader` pushes the same instruments elsewhere, here to stdout; in production that
+//! second reader would carry an OTLP exporter. The jemalloc gauges are registered once and
+//! reach both, as does the application's own counter.
+//!
+//! ```text
+//! cargo run --release --example two_readers [-- --addr 127.0.0.1:9074 --interval SECS]
+//! curl -s http://127.0.0.1:9074/                       # counts app.requests
+//! curl -s http://127.0.0.1:9074/metrics | grep -E 'jemalloc|app_requests'
+//! # ...and every SECS seconds (default 10) the periodic reader prints the same instruments.
+//! ```
+
+use axum::extract::{Request, State};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use opentelemetry::metrics::{Counter, MeterProvider};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tower::{Layer, ServiceExt};
+use tower_jemalloc::JemallocLayer;
+
+#[global_allocator]
+static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+
+const USAGE: &str = "usage: two_readers [--addr HOST:PORT] [--interval SECS]
+  --addr HOST:PORT  address to listen on (default 127.0.0.1:9074)
+  --interval SECS   how often the periodic reader prints (default 10)";
+
+struct Args {
+    addr: SocketAddr,
+    interval: Duration,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        addr: SocketAddr::from(([127, 0, 0, 1], 9074)),
+        interval: Duration::from_secs(10),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match flag.as_str() {
+            "--addr" => {
+                let addr = value("--addr")?;
+                args.addr = addr
+                    .parse()
+                    .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
+            }
+            "--interval" => {
+                let secs = value("--interval")?;
+                args.interval = match secs.parse::<u64>() {
+                    Ok(secs) if secs > 0 => Duration::from_secs(secs),
+                    _ => return Err(format!("--interval {secs:?}: expected whole seconds > 0")),
+                };
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+/// A push exporter that prints every data point: the stand-in for an OTLP exporter.
+#[derive(Debug)]
+struct StdoutExporter;
+
+impl PushMetricExporter for StdoutExporter {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        println!("[periodic reader]");
+        for scope in metrics.scope_metrics() {
+            for metric in scope.metrics() {
+                let (name, unit) = (metric.name(), metric.unit());
+                match metric.data() {
+                    AggregatedMetrics::U64(data) => print_points(name, unit, data),
+                    AggregatedMetrics::I64(data) => print_points(name, unit, data),
+                    AggregatedMetrics::F64(data) => print_points(name, unit, data),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn temporality(&self) -> Temporality {
+        Temporality::Cumulative
+    }
+}
+
+/// Prints gauges and sums; histograms print their count.
+fn print_points<T: Display + Copy>(name: &str, unit: &str, data: &MetricData<T>) {
+    // " By" after the jemalloc gauges; nothing after unitless instruments.
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    match data {
+        MetricData::Gauge(gauge) => {
+            for point in gauge.data_points() {
+                println!("  {name} = {}{unit}", point.value());
+            }
+        }
+        MetricData::Sum(sum) => {
+            for point in sum.data_points() {
+                println!("  {name} = {}{unit}", point.value());
+            }
+        }
+        MetricData::Histogram(histogram) => {
+            for point in histogram.data_points() {
+                println!("  {name}: {} observations", point.count());
+            }
+        }
+        MetricData::ExponentialHistogram(histogram) => {
+            for point in histogram.data_points() {
+                println!("  {name}: {} observations", point.count());
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args().unwrap_or_else(|e| {
+        eprintln!("error: {e}\n{USAGE}");
+        std::process::exit(2);
+    });
+
+    // Reader 1: the Prometheus exporter, writing into the registry the layer serves.
+    let registry = prometheus::Registry::new();
+    let prometheus_reader = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .build()
+        .expect("a fresh registry accepts the exporter");
+    // Reader 2: pushes every `interval` from a thread of its own (no async runtime needed).
+    let periodic_reader = PeriodicReader::builder(StdoutExporter)
+        .with_interval(args.interval)
+        .build();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(prometheus_reader)
+        .with_reader(periodic_reader)
+        .build();
+
+    // The layer registers the jemalloc gauges on this meter: once, for both readers.
+    let layer = JemallocLayer::builder()
+        .registry(registry, provider.meter("tower-jemalloc"))
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        });
+    let requests = provider
+        .meter("my-app")
+        .u64_counter("app.requests")
+        .with_description("Requests to /")
+        .build();
+
+    let router = Router::new().route("/", get(hello)).with_state(requests);
+    let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
+
+    let listener = match tokio::net::TcpListener::bind(args.addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.addr);
+            std::process::exit(1);
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    println!("listening on http://{addr}");
+    println!("  curl -s http://{addr}/");
+    println!("  curl -s http://{addr}/metrics | grep -E 'jemalloc|app_requests'");
+    println!(
+        "the periodic reader prints every {} s",
+        args.interval.as_secs()
+    );
+
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down");
+    };
+    let served = axum::serve(
+        listener,
+        axum::ServiceExt::<Request>::into_make_service(app),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    // Stops the periodic reader's thread after one last export.
+    if let Err(e) = provider.shutdown() {
+        eprintln!("error: meter provider shutdown: {e}");
+    }
+    if let Err(e) = served {
+        eprintln!("error: server failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn hello(State(requests): State<Counter<u64>>) -> &'static str {
+    requests.add(1, &[]);
+    "tower-jemalloc two_readers example: try /metrics\n"
+}
