@@ -17,51 +17,17 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::time::Duration;
 use tower::Layer;
-use tower_jemalloc::JemallocLayer;
+
+#[path = "common/mod.rs"]
+mod common;
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
 
-const USAGE: &str = "usage: hyper [--addr HOST:PORT] [--namespace NAME]
-  --addr HOST:PORT  address to listen on (default 127.0.0.1:9072)
-  --namespace NAME  prefix of every exported metric name (default: none)";
-
 /// How long open connections get to finish their requests after Ctrl-C.
 const GRACE: Duration = Duration::from_secs(10);
-
-struct Args {
-    addr: SocketAddr,
-    namespace: Option<String>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: SocketAddr::from(([127, 0, 0, 1], 9072)),
-        namespace: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match flag.as_str() {
-            "--addr" => {
-                let addr = value("--addr")?;
-                args.addr = addr
-                    .parse()
-                    .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
-            }
-            "--namespace" => args.namespace = Some(value("--namespace")?),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(args)
-}
 
 /// The application: `/` says hello, everything else is a 404.
 async fn app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -79,36 +45,20 @@ async fn app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible
 
 #[tokio::main]
 async fn main() {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("error: {e}\n{USAGE}");
-        std::process::exit(2);
-    });
+    let args = common::parse("hyper", 9072, &[]);
 
-    let mut builder = JemallocLayer::builder();
-    if let Some(namespace) = &args.namespace {
-        builder = builder.namespace(namespace);
-    }
-    let layer = builder.build().unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    });
+    let layer = args.layer();
     // One service value for the whole server; each connection gets a cheap clone.
     let service = layer.layer(tower::service_fn(app));
 
-    let listener = match tokio::net::TcpListener::bind(args.addr).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("error: cannot listen on {}: {e}", args.addr);
-            std::process::exit(1);
-        }
-    };
+    let listener = args.listen().await;
     let addr = listener
         .local_addr()
         .expect("bound listener has an address");
     println!("listening on http://{addr}");
     println!("  curl -s http://{addr}/");
     println!("  curl -s http://{addr}/metrics | grep jemalloc");
-    println!("  curl -s -X POST http://{addr}/debug/jemalloc/purge");
+    println!("  {}", args.purge_command(addr));
 
     // `auto` answers HTTP/1.1 and HTTP/2 (prior knowledge) on the same port.
     let http = auto::Builder::new(TokioExecutor::new());

@@ -13,73 +13,22 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{extract::Request, Router};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tower::{Layer, ServiceExt};
-use tower_jemalloc::{JemallocLayer, JemallocStats};
+use tower_jemalloc::JemallocStats;
+
+#[path = "common/mod.rs"]
+mod common;
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
 
-const USAGE: &str = "usage: server [--addr HOST:PORT] [--namespace NAME] [--purge-token TOKEN]
-  --addr HOST:PORT     address to listen on (default 127.0.0.1:9070)
-  --namespace NAME     prefix of every exported metric name (default: none)
-  --purge-token TOKEN  require `Authorization: Bearer TOKEN` on the purge endpoint
-                       (default: the PURGE_TOKEN environment variable; unset: open)";
-
-struct Args {
-    addr: SocketAddr,
-    namespace: Option<String>,
-    purge_token: Option<String>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: SocketAddr::from(([127, 0, 0, 1], 9070)),
-        namespace: None,
-        purge_token: std::env::var("PURGE_TOKEN").ok().filter(|t| !t.is_empty()),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match flag.as_str() {
-            "--addr" => {
-                let addr = value("--addr")?;
-                args.addr = addr
-                    .parse()
-                    .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
-            }
-            "--namespace" => args.namespace = Some(value("--namespace")?),
-            "--purge-token" => args.purge_token = Some(value("--purge-token")?),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(args)
-}
-
 #[tokio::main]
 async fn main() {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("error: {e}\n{USAGE}");
-        std::process::exit(2);
-    });
+    let args = common::parse("server", 9070, &[]);
 
-    let mut builder = JemallocLayer::builder();
-    if let Some(namespace) = &args.namespace {
-        builder = builder.namespace(namespace);
-    }
-    if let Some(token) = &args.purge_token {
-        builder = builder.purge_bearer_token(token);
-    }
-    let layer = builder.build().unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    });
+    let layer = args.layer();
 
     let router = Router::new()
         .route(
@@ -92,24 +41,14 @@ async fn main() {
     // axum's own response type, hence the map_response.
     let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
 
-    let listener = match tokio::net::TcpListener::bind(args.addr).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("error: cannot listen on {}: {e}", args.addr);
-            std::process::exit(1);
-        }
-    };
+    let listener = args.listen().await;
     let addr = listener
         .local_addr()
         .expect("bound listener has an address");
     println!("listening on http://{addr}");
     println!("  curl -s http://{addr}/metrics | grep jemalloc");
     println!("  curl -s -X POST 'http://{addr}/demo/churn?mib=512'");
-    if args.purge_token.is_some() {
-        println!("  curl -s -X POST -H \"Authorization: Bearer $PURGE_TOKEN\" http://{addr}/debug/jemalloc/purge");
-    } else {
-        println!("  curl -s -X POST http://{addr}/debug/jemalloc/purge");
-    }
+    println!("  {}", args.purge_command(addr));
 
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

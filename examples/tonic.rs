@@ -12,84 +12,34 @@
 //! tonic serves HTTP/2 only unless told otherwise, and Prometheus scrapes over HTTP/1.1: hence
 //! `accept_http1(true)`. gRPC clients keep speaking HTTP/2 on the same port.
 
-use std::net::SocketAddr;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
-use tower_jemalloc::JemallocLayer;
+
+#[path = "common/mod.rs"]
+mod common;
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
 
-const USAGE: &str = "usage: tonic [--addr HOST:PORT] [--namespace NAME]
-  --addr HOST:PORT  address to listen on (default 127.0.0.1:9071)
-  --namespace NAME  prefix of every exported metric name (default: none)";
-
-struct Args {
-    addr: SocketAddr,
-    namespace: Option<String>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: SocketAddr::from(([127, 0, 0, 1], 9071)),
-        namespace: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match flag.as_str() {
-            "--addr" => {
-                let addr = value("--addr")?;
-                args.addr = addr
-                    .parse()
-                    .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
-            }
-            "--namespace" => args.namespace = Some(value("--namespace")?),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(args)
-}
-
 #[tokio::main]
 async fn main() {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("error: {e}\n{USAGE}");
-        std::process::exit(2);
-    });
+    let args = common::parse("tonic", 9071, &[]);
 
-    let mut builder = JemallocLayer::builder();
-    if let Some(namespace) = &args.namespace {
-        builder = builder.namespace(namespace);
-    }
-    let layer = builder.build().unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    });
+    let layer = args.layer();
 
     // The standard gRPC health service; its overall status ("") starts as SERVING.
     let (_reporter, health_service) = tonic_health::server::health_reporter();
 
     // Bound here rather than by `serve_with_shutdown(addr, ..)` so that a busy port is reported
     // before anything else and the printed URLs carry the real port (also with `--addr :0`).
-    let listener = match tokio::net::TcpListener::bind(args.addr).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("error: cannot listen on {}: {e}", args.addr);
-            std::process::exit(1);
-        }
-    };
+    let listener = args.listen().await;
     let addr = listener
         .local_addr()
         .expect("bound listener has an address");
     println!("listening on http://{addr} (gRPC over HTTP/2; HTTP/1.1 for /metrics)");
     println!("  curl -s http://{addr}/metrics | grep jemalloc");
     println!("  curl -s --http2-prior-knowledge http://{addr}/metrics | grep jemalloc");
-    println!("  curl -s -X POST http://{addr}/debug/jemalloc/purge");
+    println!("  {}", args.purge_command(addr));
     println!("  grpc_health_probe -addr={addr}   # grpc.health.v1.Health/Check");
 
     let shutdown = async {

@@ -20,54 +20,15 @@ use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMe
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use std::fmt::Display;
-use std::net::SocketAddr;
 use std::time::Duration;
 use tower::{Layer, ServiceExt};
 use tower_jemalloc::JemallocLayer;
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
-
-const USAGE: &str = "usage: two_readers [--addr HOST:PORT] [--interval SECS]
-  --addr HOST:PORT  address to listen on (default 127.0.0.1:9074)
-  --interval SECS   how often the periodic reader prints (default 10)";
-
-struct Args {
-    addr: SocketAddr,
-    interval: Duration,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: SocketAddr::from(([127, 0, 0, 1], 9074)),
-        interval: Duration::from_secs(10),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
-        match flag.as_str() {
-            "--addr" => {
-                let addr = value("--addr")?;
-                args.addr = addr
-                    .parse()
-                    .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
-            }
-            "--interval" => {
-                let secs = value("--interval")?;
-                args.interval = match secs.parse::<u64>() {
-                    Ok(secs) if secs > 0 => Duration::from_secs(secs),
-                    _ => return Err(format!("--interval {secs:?}: expected whole seconds > 0")),
-                };
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(args)
-}
 
 /// A push exporter that prints every data point: the stand-in for an OTLP exporter.
 #[derive(Debug)]
@@ -136,20 +97,35 @@ fn print_points<T: Display + Copy>(name: &str, unit: &str, data: &MetricData<T>)
 
 #[tokio::main]
 async fn main() {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("error: {e}\n{USAGE}");
-        std::process::exit(2);
-    });
+    let args = common::parse(
+        "two_readers",
+        9074,
+        &[(
+            "--interval",
+            "SECS",
+            "how often the periodic reader prints (default 10)",
+        )],
+    );
+    let interval = match args.extra("--interval").map(str::parse::<u64>) {
+        None => Duration::from_secs(10),
+        Some(Ok(secs)) if secs > 0 => Duration::from_secs(secs),
+        Some(_) => common::fail(2, "--interval expects whole seconds > 0"),
+    };
 
     // Reader 1: the Prometheus exporter, writing into the registry the layer serves.
     let registry = prometheus::Registry::new();
-    let prometheus_reader = opentelemetry_prometheus::exporter()
-        .with_registry(registry.clone())
+    // With your own registry, the namespace belongs to your exporter.
+    let mut prometheus_reader =
+        opentelemetry_prometheus::exporter().with_registry(registry.clone());
+    if let Some(namespace) = &args.namespace {
+        prometheus_reader = prometheus_reader.with_namespace(namespace);
+    }
+    let prometheus_reader = prometheus_reader
         .build()
         .expect("a fresh registry accepts the exporter");
     // Reader 2: pushes every `interval` from a thread of its own (no async runtime needed).
     let periodic_reader = PeriodicReader::builder(StdoutExporter)
-        .with_interval(args.interval)
+        .with_interval(interval)
         .build();
     let provider = SdkMeterProvider::builder()
         .with_reader(prometheus_reader)
@@ -157,13 +133,11 @@ async fn main() {
         .build();
 
     // The layer registers the jemalloc gauges on this meter: once, for both readers.
-    let layer = JemallocLayer::builder()
-        .registry(registry, provider.meter("tower-jemalloc"))
-        .build()
-        .unwrap_or_else(|e| {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        });
+    let mut builder = JemallocLayer::builder().registry(registry, provider.meter("tower-jemalloc"));
+    if let Some(token) = &args.purge_token {
+        builder = builder.purge_bearer_token(token);
+    }
+    let layer = builder.build().unwrap_or_else(|e| common::fail(2, e));
     let requests = provider
         .meter("my-app")
         .u64_counter("app.requests")
@@ -173,23 +147,14 @@ async fn main() {
     let router = Router::new().route("/", get(hello)).with_state(requests);
     let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
 
-    let listener = match tokio::net::TcpListener::bind(args.addr).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("error: cannot listen on {}: {e}", args.addr);
-            std::process::exit(1);
-        }
-    };
+    let listener = args.listen().await;
     let addr = listener
         .local_addr()
         .expect("bound listener has an address");
     println!("listening on http://{addr}");
     println!("  curl -s http://{addr}/");
     println!("  curl -s http://{addr}/metrics | grep -E 'jemalloc|app_requests'");
-    println!(
-        "the periodic reader prints every {} s",
-        args.interval.as_secs()
-    );
+    println!("the periodic reader prints every {} s", interval.as_secs());
 
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -6,8 +6,6 @@
 
 mod common;
 
-use axum::extract::Request;
-use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
@@ -17,7 +15,6 @@ use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tower::{Layer, ServiceExt};
 use tower_jemalloc::JemallocLayer;
 
 #[global_allocator]
@@ -52,17 +49,7 @@ async fn loopback_load_has_no_errors_and_no_memory_growth() {
         .max_concurrent_scrapes(CONNECTIONS)
         .build()
         .unwrap();
-    let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            axum::ServiceExt::<Request>::into_make_service(app),
-        )
-        .await
-        .unwrap();
-    });
+    let addr = common::serve_axum(router, layer).await;
 
     let counts = Arc::new(Counts::default());
     let deadline = Instant::now() + WARM_UP + MEASURED;

@@ -4,8 +4,6 @@
 
 mod common;
 
-use axum::extract::Request;
-use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
@@ -14,7 +12,6 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tower::{Layer, ServiceExt};
 use tower_jemalloc::JemallocLayer;
 
 #[global_allocator]
@@ -24,25 +21,11 @@ async fn start() -> std::net::SocketAddr {
     let router = Router::new()
         .route("/", get(|| async { "home" }))
         .route("/echo", post(|body: Bytes| async move { body }));
-    let app = ServiceExt::<Request>::map_response(
-        JemallocLayer::builder()
-            .namespace("restate")
-            .build()
-            .unwrap()
-            .layer(router),
-        IntoResponse::into_response,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            axum::ServiceExt::<Request>::into_make_service(app),
-        )
-        .await
+    let layer = JemallocLayer::builder()
+        .namespace("restate")
+        .build()
         .unwrap();
-    });
-    addr
+    common::serve_axum(router, layer).await
 }
 
 async fn fetch(
@@ -144,17 +127,7 @@ async fn a_huge_purge_body_is_answered_without_being_read() {
         .purge_bearer_token("t")
         .build()
         .unwrap();
-    let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            axum::ServiceExt::<Request>::into_make_service(app),
-        )
-        .await
-        .unwrap();
-    });
+    let addr = common::serve_axum(router, layer).await;
 
     // Announce 1 GiB, send 64 KiB of it, and wait for the answer: it must come without the
     // server waiting for (or buffering) the rest.

@@ -228,3 +228,28 @@ pub fn churn(mib: usize) {
         .collect();
     drop(std::hint::black_box(blocks));
 }
+
+/// Serves `router` wrapped in `layer` with `axum::serve` on a loopback port of the current
+/// runtime, as the README shows, and returns the address.
+pub async fn serve_axum(
+    router: axum::Router,
+    layer: tower_jemalloc::JemallocLayer,
+) -> std::net::SocketAddr {
+    use axum::response::IntoResponse;
+    use tower::Layer;
+    let app = ServiceExt::<axum::extract::Request>::map_response(
+        layer.layer(router),
+        IntoResponse::into_response,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+        )
+        .await
+        .unwrap();
+    });
+    addr
+}

@@ -1,0 +1,130 @@
+//! What every example shares: its flags (`--addr`, `--namespace`, `--purge-token` and the
+//! example's own), building the layer from them, and binding the listener. Included by each
+//! example with `#[path = "common/mod.rs"] mod common;`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use tower_jemalloc::{JemallocLayer, JemallocLayerBuilder};
+
+/// An example-specific flag that takes a value: name (`--interval`), value name, help.
+pub type Flag = (&'static str, &'static str, &'static str);
+
+/// The parsed command line.
+pub struct Args {
+    pub addr: SocketAddr,
+    pub namespace: Option<String>,
+    /// `--purge-token`, or the `PURGE_TOKEN` environment variable.
+    pub purge_token: Option<String>,
+    extra: HashMap<&'static str, String>,
+}
+
+impl Args {
+    /// The value of an example-specific flag, if given.
+    pub fn extra(&self, flag: &str) -> Option<&str> {
+        self.extra.get(flag).map(String::as_str)
+    }
+
+    /// A layer builder with the namespace and purge token from the command line.
+    pub fn builder(&self) -> JemallocLayerBuilder {
+        let mut builder = JemallocLayer::builder();
+        if let Some(namespace) = &self.namespace {
+            builder = builder.namespace(namespace);
+        }
+        if let Some(token) = &self.purge_token {
+            builder = builder.purge_bearer_token(token);
+        }
+        builder
+    }
+
+    /// The layer from the command line, or exit 2 with the reason.
+    pub fn layer(&self) -> JemallocLayer {
+        self.builder().build().unwrap_or_else(|e| fail(2, e))
+    }
+
+    /// Binds `--addr`, or exits 1 with the reason.
+    pub async fn listen(&self) -> tokio::net::TcpListener {
+        tokio::net::TcpListener::bind(self.addr)
+            .await
+            .unwrap_or_else(|e| fail(1, format_args!("cannot listen on {}: {e}", self.addr)))
+    }
+
+    /// The curl line for a purge, with the token header when one is required.
+    pub fn purge_command(&self, addr: SocketAddr) -> String {
+        match self.purge_token {
+            Some(_) => format!(
+                "curl -s -X POST -H \"Authorization: Bearer $PURGE_TOKEN\" http://{addr}/debug/jemalloc/purge"
+            ),
+            None => format!("curl -s -X POST http://{addr}/debug/jemalloc/purge"),
+        }
+    }
+}
+
+/// Prints `error: …` and exits with `code`.
+pub fn fail(code: i32, message: impl std::fmt::Display) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(code)
+}
+
+/// Parses the process's arguments for example `program`, listening on 127.0.0.1:`port` by
+/// default. `--help` prints the usage and exits 0; a bad argument prints it and exits 2.
+pub fn parse(program: &str, port: u16, flags: &[Flag]) -> Args {
+    let mut usage =
+        format!("usage: {program} [--addr HOST:PORT] [--namespace NAME] [--purge-token TOKEN]");
+    for (name, value, _) in flags {
+        usage.push_str(&format!(" [{name} {value}]"));
+    }
+    usage.push_str(&format!(
+        "\n  --addr HOST:PORT     address to listen on (default 127.0.0.1:{port})\
+         \n  --namespace NAME     prefix of every exported metric name (default: none)\
+         \n  --purge-token TOKEN  require `Authorization: Bearer TOKEN` on the purge endpoint\
+         \n                       (default: the PURGE_TOKEN environment variable; unset: open)"
+    ));
+    for (name, value, help) in flags {
+        usage.push_str(&format!("\n  {:<19}  {help}", format!("{name} {value}")));
+    }
+    parse_from(std::env::args().skip(1), port, flags).unwrap_or_else(|e| {
+        if e.is_empty() {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        eprintln!("error: {e}\n{usage}");
+        std::process::exit(2);
+    })
+}
+
+/// `Err("")` means `--help`.
+fn parse_from(
+    mut it: impl Iterator<Item = String>,
+    port: u16,
+    flags: &[Flag],
+) -> Result<Args, String> {
+    let mut args = Args {
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        namespace: None,
+        purge_token: std::env::var("PURGE_TOKEN").ok().filter(|t| !t.is_empty()),
+        extra: HashMap::new(),
+    };
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match flag.as_str() {
+            "--addr" => {
+                let addr = value("--addr")?;
+                args.addr = addr
+                    .parse()
+                    .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
+            }
+            "--namespace" => args.namespace = Some(value("--namespace")?),
+            "--purge-token" => args.purge_token = Some(value("--purge-token")?),
+            "-h" | "--help" => return Err(String::new()),
+            other => match flags.iter().find(|(name, _, _)| *name == other) {
+                Some((name, _, _)) => {
+                    let v = value(name)?;
+                    args.extra.insert(name, v);
+                }
+                None => return Err(format!("unknown argument {other:?}")),
+            },
+        }
+    }
+    Ok(args)
+}
