@@ -72,6 +72,21 @@ impl Access {
     }
 }
 
+/// The checks every endpoint makes first, in the documented order: the method (405 with
+/// `Allow: <allow>`), then access (401/403). `None` when the request may go on.
+pub(crate) fn admit(
+    parts: &Parts,
+    methods: [http::Method; 2],
+    allow: &'static str,
+    path: &str,
+    access: &Access,
+) -> Option<Response<Full<Bytes>>> {
+    if !methods.contains(&parts.method) {
+        return Some(response::method_not_allowed(allow, path));
+    }
+    access.refusal(parts)
+}
+
 /// The credentials of an `Authorization: Bearer <token>` header (scheme case-insensitive).
 fn bearer_token(header: &[u8]) -> Option<&[u8]> {
     const SCHEME: &[u8] = b"bearer ";

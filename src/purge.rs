@@ -11,7 +11,7 @@
 //! `?mode=decay` runs `arena.<MALLCTL_ARENAS_ALL>.decay` instead: only the pages whose decay
 //! time (`dirty_decay_ms`, `muzzy_decay_ms`) has passed are released, which is gentler.
 
-use crate::access::Access;
+use crate::access::{admit, Access};
 use crate::ctl::Ctl;
 use crate::future::ResponseFuture;
 use crate::os::ProcessMemory;
@@ -298,10 +298,8 @@ impl PurgeEndpoint {
     /// the cooldown (429 with `Retry-After`); then the purge runs on a dedicated thread and the
     /// future resolves when it reports. The request body is never read.
     pub(crate) fn respond<F>(&self, parts: &Parts) -> ResponseFuture<F> {
-        if parts.method != Method::POST && parts.method != Method::PUT {
-            return ResponseFuture::local(response::method_not_allowed("POST, PUT", &self.path));
-        }
-        if let Some(refusal) = self.access.refusal(parts) {
+        let methods = [Method::POST, Method::PUT];
+        if let Some(refusal) = admit(parts, methods, "POST, PUT", &self.path, &self.access) {
             return ResponseFuture::local(refusal);
         }
         let mode = match PurgeMode::from_query(parts.uri.query()) {

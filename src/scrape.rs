@@ -15,7 +15,7 @@
 //! - **In-flight limit**: beyond the configured number of concurrent scrapes, a scrape gets a
 //!   503 with `Retry-After: 1` at once.
 
-use crate::access::Access;
+use crate::access::{admit, Access};
 use crate::future::ResponseFuture;
 use crate::response;
 use bytes::Bytes;
@@ -101,13 +101,11 @@ impl MetricsEndpoint {
     /// Answers a request on the metrics path. Order of checks: method (405), access
     /// (401/403), in-flight limit (503), then the render.
     pub(crate) fn respond<F>(&self, parts: &Parts) -> ResponseFuture<F> {
-        let head = parts.method == Method::HEAD;
-        if parts.method != Method::GET && !head {
-            return ResponseFuture::local(response::method_not_allowed("GET, HEAD", &self.path));
-        }
-        if let Some(refusal) = self.access.refusal(parts) {
+        let methods = [Method::GET, Method::HEAD];
+        if let Some(refusal) = admit(parts, methods, "GET, HEAD", &self.path, &self.access) {
             return ResponseFuture::local(refusal);
         }
+        let head = parts.method == Method::HEAD;
         let Some(slot) = InFlight::acquire(&self.scrapes) else {
             let mut answer = response::text(
                 StatusCode::SERVICE_UNAVAILABLE,

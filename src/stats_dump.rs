@@ -11,7 +11,7 @@
 //!
 //! The dump walks every arena under jemalloc's locks, so it runs off the async workers.
 
-use crate::access::Access;
+use crate::access::{admit, Access};
 use crate::ctl::{Ctl, Settings};
 use crate::future::ResponseFuture;
 use crate::response;
@@ -43,13 +43,11 @@ impl StatsEndpoint {
     /// Answers a request on the stats path. Order of checks: method (405), access (401/403),
     /// format (400), jemalloc availability (501/503); then the dump runs off the workers.
     pub(crate) fn respond<F>(&self, parts: &Parts) -> ResponseFuture<F> {
-        let head = parts.method == Method::HEAD;
-        if parts.method != Method::GET && !head {
-            return ResponseFuture::local(response::method_not_allowed("GET, HEAD", &self.path));
-        }
-        if let Some(refusal) = self.access.refusal(parts) {
+        let methods = [Method::GET, Method::HEAD];
+        if let Some(refusal) = admit(parts, methods, "GET, HEAD", &self.path, &self.access) {
             return ResponseFuture::local(refusal);
         }
+        let head = parts.method == Method::HEAD;
         let format = match crate::query::param(parts.uri.query(), "format") {
             None | Some("json") => Format::Json,
             Some("text") => Format::Text,
