@@ -11,8 +11,12 @@
 //! - `POST|PUT /debug/jemalloc/purge`: returns the unused dirty pages of all arenas to the OS
 //!   and answers with a JSON [`PurgeReport`] (statistics before and after). The purge runs on
 //!   a dedicated thread, never on an async worker, and only one runs at a time (409 otherwise).
+//!   `?mode=decay` asks for the gentler `arena.<all>.decay`.
+//! - `GET /debug/jemalloc/stats`: jemalloc's `malloc_stats_print` dump (JSON with a summary
+//!   and plain-language hints, or `?format=text`).
 //!
-//! Every other request goes to the inner service untouched.
+//! The builder guards each endpoint (bearer token, predicate, purge cooldown, scrape limit);
+//! see the README's Security section. Every other request goes to the inner service untouched.
 //!
 //! # Quick start
 //!
