@@ -2,6 +2,9 @@
 
 use crate::future::ResponseFuture;
 use crate::layer::Shared;
+use crate::purge::PurgeEndpoint;
+use crate::scrape::MetricsEndpoint;
+use crate::stats_dump::StatsEndpoint;
 use http::{Request, Response};
 use std::fmt;
 use std::sync::Arc;
@@ -80,28 +83,28 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
         let path = req.uri().path();
-        let endpoint = if shared.metrics_path() == Some(path) {
-            Endpoint::Metrics
-        } else if shared.purge_path() == Some(path) {
-            Endpoint::Purge
-        } else if shared.stats_path() == Some(path) {
-            Endpoint::Stats
+        let endpoint = if let Some(metrics) = shared.metrics.as_ref().filter(|m| *m.path == *path) {
+            Endpoint::Metrics(metrics)
+        } else if let Some(purge) = shared.purge.as_ref().filter(|p| *p.path == *path) {
+            Endpoint::Purge(purge)
+        } else if let Some(stats) = shared.stats.as_ref().filter(|s| *s.path == *path) {
+            Endpoint::Stats(stats)
         } else {
             return ResponseFuture::inner(self.inner.call(req));
         };
         // The body of an intercepted request is dropped unread.
         let (parts, _body) = req.into_parts();
-        match (endpoint, &shared.metrics, &shared.purge, &shared.stats) {
-            (Endpoint::Metrics, Some(metrics), _, _) => metrics.respond(&parts),
-            (Endpoint::Purge, _, Some(purge), _) => purge.respond(&parts),
-            (Endpoint::Stats, _, _, Some(stats)) => stats.respond(&parts),
-            _ => unreachable!("the endpoint matched a configured path"),
+        match endpoint {
+            Endpoint::Metrics(metrics) => metrics.respond(&parts),
+            Endpoint::Purge(purge) => purge.respond(&parts),
+            Endpoint::Stats(stats) => stats.respond(&parts),
         }
     }
 }
 
-enum Endpoint {
-    Metrics,
-    Purge,
-    Stats,
+/// The endpoint a request's path matched.
+enum Endpoint<'a> {
+    Metrics(&'a MetricsEndpoint),
+    Purge(&'a PurgeEndpoint),
+    Stats(&'a StatsEndpoint),
 }
