@@ -79,6 +79,7 @@ where
     /// # Panics
     ///
     /// When polled again after it completed, like most futures.
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let response = match self.project().kind.project() {
             KindProj::Inner { future } => {
