@@ -15,10 +15,10 @@
 //! Series: counters `requests_total{route="/r/<i>",status="200"}`; the `mixed` group replaces
 //! a tenth of them with histograms (`latency_seconds`, 10 buckets each).
 //!
-//! `cargo bench --bench scrape`
+//! `cargo bench --bench scrape`; for instruction counts, see [`count`].
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{BenchmarkId, Criterion};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use opentelemetry::metrics::MeterProvider;
@@ -236,12 +236,57 @@ fn scrapes(c: &mut Criterion) {
     compare(c, "scrape mixed", 10);
 }
 
-criterion_group! {
-    name = benches;
-    config = Criterion::default()
+/// Renders made in a counting run (`SCRAPE_COUNT`).
+const COUNTED_RENDERS: usize = 20;
+
+/// The counted part of a counting run: `COUNTED_RENDERS` renders by `render`.
+#[inline(never)]
+fn renders_in_a_row(mut render: impl FnMut() -> usize) -> usize {
+    (0..COUNTED_RENDERS).map(|_| black_box(render())).sum()
+}
+
+/// Instruction counts under callgrind, which repeat exactly (timings move by several per cent
+/// between runs): `SCRAPE_COUNT=ours|metrics-exporter-prometheus` renders 1,000 counter series
+/// [`COUNTED_RENDERS`] times inside `renders_in_a_row`, after one render to warm up.
+///
+/// ```sh
+/// SCRAPE_COUNT=ours valgrind --tool=callgrind --toggle-collect='*renders_in_a_row*' <binary>
+/// ```
+fn count(which: &str) {
+    const SERIES: usize = 1_000;
+    let bytes = match which {
+        "ours" => {
+            let (registry, _provider) = otel(SERIES, 0);
+            let elsewhere = SdkMeterProvider::builder().build();
+            let mut ours = JemallocLayer::builder()
+                .registry(registry, elsewhere.meter("unused"))
+                .gzip(false)
+                .build()
+                .unwrap()
+                .layer(inner());
+            scrape(&mut ours);
+            renders_in_a_row(|| scrape(&mut ours))
+        }
+        "metrics-exporter-prometheus" => {
+            let handle = metrics_rs(SERIES, 0);
+            handle.render();
+            renders_in_a_row(|| handle.render().len())
+        }
+        other => panic!("SCRAPE_COUNT is `ours` or `metrics-exporter-prometheus`, not `{other}`"),
+    };
+    println!("{COUNTED_RENDERS} renders of {SERIES} counters by {which}: {bytes} bytes");
+}
+
+fn main() {
+    if let Ok(which) = std::env::var("SCRAPE_COUNT") {
+        count(&which);
+        return;
+    }
+    let mut criterion = Criterion::default()
         .sample_size(30)
         .warm_up_time(std::time::Duration::from_millis(500))
-        .measurement_time(std::time::Duration::from_secs(2));
-    targets = scrapes
+        .measurement_time(std::time::Duration::from_secs(2))
+        .configure_from_args();
+    scrapes(&mut criterion);
+    criterion.final_summary();
 }
-criterion_main!(benches);
