@@ -359,7 +359,8 @@ impl JemallocLayerBuilder {
     }
 
     /// Lets a render that finished less than `window` ago answer new scrapes too (default:
-    /// zero, so every scrape gets data gathered after it arrived). Scrapes in flight together
+    /// zero, so a scrape joins the render in progress or starts one, never reusing one that
+    /// had finished before it arrived). Scrapes in flight together
     /// always share one render; a window also merges scrapes that arrive one after another,
     /// bounding renders to about one per window under a scrape storm, at the price of data up
     /// to `window` old.

@@ -4,9 +4,10 @@
 //!
 //! - **Coalescing**: a scrape that arrives while a render is running waits for that render
 //!   instead of starting another, so scrapes in flight together cost one render (and one
-//!   jemalloc epoch advance). A scrape never gets data gathered before it arrived, unless a
-//!   reuse window is configured: then a render that finished less than that long ago answers
-//!   it too, which bounds renders to about one per window under a scrape storm.
+//!   jemalloc epoch advance). A scrape never gets a render that had finished before it
+//!   arrived (it joins the one in progress or starts one), unless a reuse window is configured:
+//!   then a render that finished less than that long ago answers it too, which bounds renders
+//!   to about one per window under a scrape storm.
 //! - **Off the workers**: on a tokio runtime the render (gathering the OpenTelemetry SDK, which
 //!   runs every observable callback, then encoding) runs on the blocking pool; outside one it
 //!   runs inline.
@@ -172,7 +173,7 @@ impl Scrapes {
                     .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
             let rendered = Arc::new(rendered);
             // Stop accepting joiners before publishing: a scrape that arrives once the render
-            // is finished must not get data gathered before it arrived, so it starts a render
+            // is finished must not get a render that finished before it arrived, so it starts a render
             // of its own.
             {
                 let mut current = scrapes.current.lock().unwrap_or_else(|e| e.into_inner());
