@@ -205,9 +205,9 @@ impl Collector for RenderCounter {
     }
 }
 
-/// P3: 64 concurrent scrapes, 20 times over, over sockets, with the layer's own series only (a render of about 0.1 ms) and with 1,000
-/// more counter series (a render of about a millisecond, like a real service's), without and
-/// with a reuse window.
+/// P3: 64 concurrent scrapes, 20 times over, over sockets: with the layer's own series only (a
+/// render of about 0.1 ms) and with 1,000 more counter series (a render of about a
+/// millisecond, like a real service's), without and with a reuse window.
 fn coalescing() {
     for series in [0, 1_000] {
         for window in [Duration::ZERO, Duration::from_millis(5)] {

@@ -118,20 +118,19 @@ fn calls_in_a_row<S>(
 }
 
 fn count(mode: &str) {
-    let requests: Vec<_> = (0..COUNTED_CALLS).map(|_| request()).collect();
+    fn run<S>(mut service: S)
+    where
+        S: Service<Request<Full<Bytes>>>,
+        S::Error: std::fmt::Debug,
+    {
+        let requests: Vec<_> = (0..COUNTED_CALLS).map(|_| request()).collect();
+        let mut responses = Vec::with_capacity(COUNTED_CALLS);
+        calls_in_a_row(&mut service, requests, &mut responses);
+        black_box(responses);
+    }
     match mode {
-        "with" => {
-            let mut layered = JemallocLayer::builder().build().unwrap().layer(Answer);
-            let mut responses = Vec::with_capacity(COUNTED_CALLS);
-            calls_in_a_row(&mut layered, requests, &mut responses);
-            black_box(responses);
-        }
-        "without" => {
-            let mut bare = Answer;
-            let mut responses = Vec::with_capacity(COUNTED_CALLS);
-            calls_in_a_row(&mut bare, requests, &mut responses);
-            black_box(responses);
-        }
+        "with" => run(JemallocLayer::builder().build().unwrap().layer(Answer)),
+        "without" => run(Answer),
         other => panic!("PASSTHROUGH_COUNT is `with` or `without`, not `{other}`"),
     }
     println!("{COUNTED_CALLS} calls {mode} the layer");

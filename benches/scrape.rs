@@ -163,6 +163,24 @@ fn inner() -> tower::util::ServiceFn<Handler> {
     tower::service_fn(answer as Handler)
 }
 
+/// The layer (gzip off) serving `registry`, with its jemalloc gauges on a meter of another
+/// provider, so that the registry holds only the benchmark's series. Keep the provider alive
+/// while scraping.
+fn layered_without_gauges(
+    registry: prometheus::Registry,
+) -> (
+    tower_jemalloc::JemallocService<tower::util::ServiceFn<Handler>>,
+    SdkMeterProvider,
+) {
+    let elsewhere = SdkMeterProvider::builder().build();
+    let layer = JemallocLayer::builder()
+        .registry(registry, elsewhere.meter("unused"))
+        .gzip(false)
+        .build()
+        .unwrap();
+    (layer.layer(inner()), elsewhere)
+}
+
 fn compare(c: &mut Criterion, group: &str, histogram_share: usize) {
     let mut group = c.benchmark_group(group);
     for size in SIZES {
@@ -170,14 +188,7 @@ fn compare(c: &mut Criterion, group: &str, histogram_share: usize) {
         let counters = size - histograms;
 
         let (registry, provider) = otel(counters, histograms);
-        // Gauges go to a meter of another provider: this registry holds only the series.
-        let elsewhere = SdkMeterProvider::builder().build();
-        let mut ours = JemallocLayer::builder()
-            .registry(registry.clone(), elsewhere.meter("unused"))
-            .gzip(false)
-            .build()
-            .unwrap()
-            .layer(inner());
+        let (mut ours, _elsewhere) = layered_without_gauges(registry.clone());
         group.bench_with_input(BenchmarkId::new("ours", size), &size, |b, _| {
             b.iter(|| black_box(scrape(&mut ours)))
         });
@@ -257,13 +268,7 @@ fn count(which: &str) {
     let bytes = match which {
         "ours" => {
             let (registry, _provider) = otel(SERIES, 0);
-            let elsewhere = SdkMeterProvider::builder().build();
-            let mut ours = JemallocLayer::builder()
-                .registry(registry, elsewhere.meter("unused"))
-                .gzip(false)
-                .build()
-                .unwrap()
-                .layer(inner());
+            let (mut ours, _elsewhere) = layered_without_gauges(registry);
             scrape(&mut ours);
             renders_in_a_row(|| scrape(&mut ours))
         }
