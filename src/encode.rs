@@ -175,7 +175,7 @@ impl Bounds {
         let bits = upper.to_bits();
         if i == self.0.len() {
             self.0.push((bits, String::new()));
-        } else if self.0[i].0 == bits && !self.0[i].1.is_empty() {
+        } else if self.0[i].0 == bits {
             return &self.0[i].1;
         }
         let (cached, text) = &mut self.0[i];
