@@ -335,7 +335,7 @@ fn isolation_with(workers: usize) {
             "/inline-purge",
             post(|| async {
                 let report = tower_jemalloc::purge_all_arenas(PurgeMode::Purge).unwrap();
-                report.to_json()
+                serde_json::to_string(&report).unwrap()
             }),
         );
     let layer = JemallocLayer::builder()

@@ -13,6 +13,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{extract::Request, Router};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tower::{Layer, ServiceExt};
@@ -56,7 +57,9 @@ async fn main() {
     };
     if let Err(e) = axum::serve(
         listener,
-        axum::ServiceExt::<Request>::into_make_service(app),
+        // With the peer address in each request's extensions (`ConnectInfo<SocketAddr>`), so
+        // that an access predicate (`.purge_authorize(..)`) can look at it.
+        axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(app),
     )
     .with_graceful_shutdown(shutdown)
     .await
@@ -89,12 +92,15 @@ async fn churn(
         let held = JemallocStats::read()?;
         drop(std::hint::black_box(blocks));
         let after = JemallocStats::read()?;
-        Ok::<_, tower_jemalloc::JemallocError>(format!(
-            "{{\"mib\":{mib},\"before\":{},\"held\":{},\"after\":{}}}\n",
-            before.to_json(),
-            held.to_json(),
-            after.to_json()
-        ))
+        let answer = Churned {
+            mib,
+            before,
+            held,
+            after,
+        };
+        Ok::<_, tower_jemalloc::JemallocError>(
+            serde_json::to_string(&answer).unwrap_or_default() + "\n",
+        )
     })
     .await;
     match result {
@@ -106,6 +112,15 @@ async fn churn(
         )
             .into_response(),
     }
+}
+
+/// The answer of `/demo/churn`: the figures before, while held, and after.
+#[derive(serde::Serialize)]
+struct Churned {
+    mib: usize,
+    before: JemallocStats,
+    held: JemallocStats,
+    after: JemallocStats,
 }
 
 fn parse_mib(query: Option<&str>) -> Result<usize, String> {

@@ -1,6 +1,7 @@
 //! [`ResponseFuture`]: the inner service's future, or the layer's own answer.
 
 use crate::body::ResponseBody;
+use crate::endpoint::Reply;
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
@@ -37,23 +38,15 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn local(response: Response<Full<Bytes>>) -> Self {
-        Self {
-            kind: Kind::Local {
+    /// The layer's own answer to an intercepted request.
+    pub(crate) fn reply(reply: Reply) -> Self {
+        let kind = match reply {
+            Reply::Now(response) => Kind::Local {
                 response: Some(response),
             },
-        }
-    }
-
-    /// An answer that needs to wait (for a render, or the purge thread).
-    pub(crate) fn pending(
-        future: impl Future<Output = Response<Full<Bytes>>> + Send + 'static,
-    ) -> Self {
-        Self {
-            kind: Kind::Pending {
-                future: Box::pin(future),
-            },
-        }
+            Reply::Later(future) => Kind::Pending { future },
+        };
+        Self { kind }
     }
 }
 

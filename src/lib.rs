@@ -160,39 +160,45 @@
 //! 503.
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod access;
-mod blocking;
+// The tower plumbing: a request's path through the layer.
 mod body;
-mod ctl;
-mod encode;
-#[cfg(jemalloc)]
-mod fault;
+mod builder;
 mod future;
 mod layer;
-mod metrics;
-mod os;
-mod purge;
-mod query;
-mod response;
-mod scrape;
 mod service;
-mod stats;
-mod stats_dump;
+
+// The endpoints the layer answers, through one pipeline.
+mod endpoint;
+
+// The lower layers, which know nothing of HTTP.
+mod exposition;
+mod jemalloc;
+mod process;
 
 pub use body::ResponseBody;
-pub use future::ResponseFuture;
-pub use layer::{
-    BuildError, JemallocLayer, JemallocLayerBuilder, DEFAULT_METRICS_PATH, DEFAULT_PURGE_PATH,
-    DEFAULT_STATS_PATH,
+pub use builder::{BuildError, JemallocLayerBuilder};
+pub use endpoint::{
+    Endpoint, DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_METRICS_PATH, DEFAULT_PURGE_COOLDOWN,
+    DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH,
 };
-pub use metrics::register_instruments;
-pub use os::ProcessMemory;
-pub use purge::{purge_all_arenas, PurgeError, PurgeMode, PurgeReport, DEFAULT_PURGE_COOLDOWN};
-pub use scrape::DEFAULT_MAX_CONCURRENT_SCRAPES;
+pub use future::ResponseFuture;
+pub use jemalloc::instruments::register_instruments;
+pub use jemalloc::{
+    purge_all_arenas, BackgroundThread, JemallocError, JemallocStats, MallocConf, PurgeError,
+    PurgeMode, PurgeReport, Ratios, StatsSummary, UnknownPurgeMode,
+};
+pub use layer::JemallocLayer;
+pub use process::ProcessMemory;
 pub use service::JemallocService;
-pub use stats::{JemallocError, JemallocStats};
-pub use stats_dump::DEFAULT_STATS_MAX_BYTES;
+
+// The crates whose types appear in this crate's API, so that a user needs no matching
+// versions of their own: `tower_jemalloc::opentelemetry::metrics::MeterProvider`, ….
+pub use opentelemetry;
+pub use opentelemetry_prometheus;
+pub use opentelemetry_sdk;
+pub use prometheus;
 
 /// The jemalloc global allocator, re-exported so that the allocator and the statistics this
 /// crate reads come from the same jemalloc build:
@@ -204,15 +210,17 @@ pub use stats_dump::DEFAULT_STATS_MAX_BYTES;
 ///
 /// Only with the `jemalloc` feature (on by default) on targets other than MSVC.
 #[cfg(jemalloc)]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "jemalloc", not(target_env = "msvc")))))]
 pub mod allocator {
     pub use tikv_jemallocator::Jemalloc;
 }
 
-#[cfg(jemalloc)]
+#[cfg(all(jemalloc, feature = "__fault-injection"))]
 #[doc(hidden)]
 pub mod __private {
-    //! Test seams. Not part of the public API; may change in any release.
-    pub use crate::fault::{clear as clear_faults, fail_key};
+    //! Test seams for this crate's own integration tests (feature `__fault-injection`, enabled
+    //! only by the crate's dev-dependency on itself). Not part of the public API.
+    pub use crate::jemalloc::fault::{clear as clear_faults, fail_key};
 }
 
 // The unit tests exercise jemalloc's real statistics, so jemalloc is their global allocator.

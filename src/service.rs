@@ -1,22 +1,21 @@
 //! [`JemallocService`]: the service [`JemallocLayer`](crate::JemallocLayer) produces.
 
+use crate::endpoint::{Endpoint, Routes};
 use crate::future::ResponseFuture;
-use crate::layer::Shared;
-use crate::purge::PurgeEndpoint;
-use crate::scrape::MetricsEndpoint;
-use crate::stats_dump::StatsEndpoint;
 use http::{Request, Response};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::Service;
 
-/// Answers the metrics and purge paths itself and forwards every other request to `inner`.
+/// Answers the layer's paths (`/metrics`, the purge and stats paths) itself and forwards
+/// every other request to `inner`.
 ///
 /// Paths match exactly (`/metrics/` and `/Metrics` are forwarded); the query string is ignored
 /// for matching. A forwarded request reaches the inner service unchanged (method, URI, headers,
 /// extensions, body) and its response comes back unchanged, inside
-/// [`ResponseBody`](crate::ResponseBody).
+/// [`ResponseBody`](crate::ResponseBody). The body of an intercepted request is never read.
 ///
 /// Named `JemallocService` rather than tower-http's usual `Jemalloc<S>` so that it does not
 /// clash with the allocator type `tikv_jemallocator::Jemalloc` that the same files import.
@@ -26,18 +25,22 @@ pub struct JemallocService<S> {
     shared: Arc<Shared>,
 }
 
+/// What a layer and every service it made share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) routes: Routes,
+    pub(crate) registry: prometheus::Registry,
+    /// The provider the layer created (zero-config); `None` when the user brought their own.
+    /// Held here too because dropping the last handle of a provider shuts its readers down:
+    /// `/metrics` must keep working after the layer itself is gone.
+    pub(crate) provider: Option<SdkMeterProvider>,
+}
+
 impl<S> JemallocService<S> {
+    /// Wraps `inner`; made by [`JemallocLayer`](crate::JemallocLayer), which is the way to
+    /// configure and build one (`layer.layer(inner)`).
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
         Self { inner, shared }
-    }
-
-    /// Wraps `inner` with a default [`JemallocLayer`](crate::JemallocLayer).
-    ///
-    /// # Panics
-    ///
-    /// See [`JemallocLayer::new`](crate::JemallocLayer::new).
-    pub fn layer(inner: S) -> Self {
-        tower::Layer::layer(&crate::JemallocLayer::new(), inner)
     }
 
     /// The inner service.
@@ -58,12 +61,12 @@ impl<S> JemallocService<S> {
 
 impl<S: fmt::Debug> fmt::Debug for JemallocService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JemallocService")
-            .field("inner", &self.inner)
-            .field("metrics_path", &self.shared.metrics_path())
-            .field("purge_path", &self.shared.purge_path())
-            .field("stats_path", &self.shared.stats_path())
-            .finish()
+        let mut debug = f.debug_struct("JemallocService");
+        debug.field("inner", &self.inner);
+        for &endpoint in Endpoint::ALL {
+            debug.field(endpoint.name(), &self.shared.routes.path(endpoint));
+        }
+        debug.finish()
     }
 }
 
@@ -82,30 +85,11 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let shared = &*self.shared;
-        let path = req.uri().path();
-        let endpoint = if let Some(metrics) = shared.metrics.as_ref().filter(|m| *m.path == *path) {
-            Endpoint::Metrics(metrics)
-        } else if let Some(purge) = shared.purge.as_ref().filter(|p| *p.path == *path) {
-            Endpoint::Purge(purge)
-        } else if let Some(stats) = shared.stats.as_ref().filter(|s| *s.path == *path) {
-            Endpoint::Stats(stats)
-        } else {
+        let Some(route) = self.shared.routes.find(req.uri().path()) else {
             return ResponseFuture::inner(self.inner.call(req));
         };
         // The body of an intercepted request is dropped unread.
         let (parts, _body) = req.into_parts();
-        match endpoint {
-            Endpoint::Metrics(metrics) => metrics.respond(&parts),
-            Endpoint::Purge(purge) => purge.respond(&parts),
-            Endpoint::Stats(stats) => stats.respond(&parts),
-        }
+        ResponseFuture::reply(route.respond(&parts))
     }
-}
-
-/// The endpoint a request's path matched.
-enum Endpoint<'a> {
-    Metrics(&'a MetricsEndpoint),
-    Purge(&'a PurgeEndpoint),
-    Stats(&'a StatsEndpoint),
 }

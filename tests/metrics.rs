@@ -193,5 +193,5 @@ fn stats_read_directly() {
     let stats = tower_jemalloc::JemallocStats::read().unwrap();
     assert!(stats.allocated > 0);
     assert!(stats.active >= stats.allocated);
-    assert_eq!(stats.values()[0], stats.allocated);
+    assert_eq!(stats.iter().next(), Some(("allocated", stats.allocated)));
 }

@@ -3,7 +3,7 @@
 //!
 //! The check on the hot path is one relaxed atomic load per mallctl batch.
 
-use crate::stats::JemallocError;
+use crate::jemalloc::JemallocError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 

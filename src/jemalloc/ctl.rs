@@ -2,8 +2,7 @@
 //!
 //! Everything else in the crate goes through [`ctl()`], which resolves every MIB once per
 //! process and checks, once, that jemalloc really is the global allocator. Builds without
-//! jemalloc get a stand-in whose every call answers
-//! [`JemallocError::Unsupported`](crate::JemallocError::Unsupported).
+//! jemalloc get a stand-in whose every call answers [`JemallocError::Unsupported`].
 
 #[cfg(jemalloc)]
 pub(crate) use imp::{ctl, Ctl};
@@ -11,16 +10,72 @@ pub(crate) use imp::{ctl, Ctl};
 #[cfg(not(jemalloc))]
 pub(crate) use unsupported::{ctl, Ctl};
 
+use super::{JemallocError, JemallocStats};
+
+/// Reading a snapshot is a mallctl call like any other, so it lives here.
+impl JemallocStats {
+    /// Advances jemalloc's epoch once and reads a fresh snapshot.
+    ///
+    /// # Errors
+    ///
+    /// [`JemallocError::Unsupported`](crate::JemallocError::Unsupported) when the crate was
+    /// built without jemalloc, [`NotGlobalAllocator`](crate::JemallocError::NotGlobalAllocator)
+    /// when jemalloc is not the process's `#[global_allocator]` (the figures would be near
+    /// zero and misleading), and [`Mallctl`](crate::JemallocError::Mallctl) when a mallctl
+    /// call fails.
+    pub fn read() -> Result<Self, JemallocError> {
+        ctl()?.snapshot()
+    }
+}
+
+/// What a "void" control (no input, no output) asks of every arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(jemalloc), allow(dead_code))]
+pub(crate) enum ArenasControl {
+    /// `arena.<all>.purge`: release every unused dirty and muzzy page now.
+    Purge,
+    /// `arena.<all>.decay`: release only the pages whose decay time has passed.
+    Decay,
+}
+
+/// jemalloc's build and run-time configuration.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(jemalloc), allow(dead_code))]
+pub(crate) struct Settings {
+    /// `version`.
+    pub(crate) version: &'static str,
+    /// `opt.background_thread`: whether background threads were asked for at start-up.
+    pub(crate) opt_background_thread: bool,
+    /// `background_thread`: whether they run now.
+    pub(crate) background_threads_running: bool,
+    /// `opt.dirty_decay_ms` (-1: never decay).
+    pub(crate) dirty_decay_ms: i64,
+    /// `opt.muzzy_decay_ms` (-1: never decay).
+    pub(crate) muzzy_decay_ms: i64,
+    /// `arenas.narenas`.
+    pub(crate) narenas: u32,
+    /// `config.malloc_conf`: the options built into the binary.
+    pub(crate) malloc_conf_compiled: &'static str,
+}
+
+/// Which parts of `malloc_stats_print` to write.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(jemalloc), allow(dead_code))]
+pub(crate) struct PrintOptions {
+    /// JSON instead of text.
+    pub(crate) json: bool,
+    /// Leave out per-arena, bin, large-class and mutex details.
+    pub(crate) compact: bool,
+}
+
 #[cfg(jemalloc)]
 mod imp {
-    use super::{Settings, StatsDump};
-    use crate::purge::PurgeMode;
-    use crate::stats::{JemallocError, JemallocStats};
-    use std::io::Write;
+    use super::{ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings};
+    use crate::jemalloc::figures::{Unit, FIGURES};
     use std::sync::OnceLock;
     use tikv_jemalloc_ctl::{
         arenas, background_thread, background_thread_mib, config, epoch, epoch_mib, opt, raw,
-        stats, stats_print, thread, version, Access, AsName, Mib,
+        stats_print, thread, version, Access, AsName, Mib,
     };
 
     /// `MALLCTL_ARENAS_ALL` from `jemalloc.h`: the arena index meaning "all arenas". It is
@@ -28,20 +83,37 @@ mod imp {
     const MALLCTL_ARENAS_ALL: usize = 4096;
     const PURGE_KEY: &str = "arena.4096.purge";
     const DECAY_KEY: &str = "arena.4096.decay";
-    const PDIRTY_KEY: &str = "stats.arenas.4096.pdirty";
-    const PMUZZY_KEY: &str = "stats.arenas.4096.pmuzzy";
+
+    /// The MIB of one figure's key: `stats.<x>` has two components, `stats.arenas.<i>.<x>`
+    /// four (tikv-jemalloc-ctl wants the exact length).
+    enum FigureMib {
+        Two(Mib<[usize; 2]>),
+        Four(Mib<[usize; 4]>),
+    }
+
+    impl FigureMib {
+        fn resolve(key: &'static [u8]) -> tikv_jemalloc_ctl::Result<Self> {
+            let components = key.iter().filter(|&&b| b == b'.').count() + 1;
+            Ok(if components == 2 {
+                Self::Two(key.name().mib()?)
+            } else {
+                Self::Four(key.name().mib()?)
+            })
+        }
+
+        fn read(&self) -> tikv_jemalloc_ctl::Result<usize> {
+            match self {
+                Self::Two(mib) => mib.read(),
+                Self::Four(mib) => mib.read(),
+            }
+        }
+    }
 
     /// Pre-resolved MIBs for every key the crate reads or calls.
     pub(crate) struct Ctl {
         epoch: epoch_mib,
-        allocated: stats::allocated_mib,
-        active: stats::active_mib,
-        metadata: stats::metadata_mib,
-        mapped: stats::mapped_mib,
-        retained: stats::retained_mib,
-        resident: stats::resident_mib,
-        pdirty: Mib<[usize; 4]>,
-        pmuzzy: Mib<[usize; 4]>,
+        /// One per row of the figures table, in its order.
+        figures: Vec<FigureMib>,
         narenas: arenas::narenas_mib,
         background_thread: background_thread_mib,
         purge: [usize; 3],
@@ -54,6 +126,14 @@ mod imp {
             key,
             reason: e.to_string(),
         }
+    }
+
+    /// Fails when a test armed `key` (only in builds with the fault-injection seam).
+    fn fault(key: &'static str) -> Result<(), JemallocError> {
+        #[cfg(feature = "__fault-injection")]
+        crate::jemalloc::fault::check(key)?;
+        let _ = key;
+        Ok(())
     }
 
     /// The process-wide controller, or why there is none. Computed once; the warning about a
@@ -103,22 +183,13 @@ mod imp {
             let mut decay = [0usize; 3];
             raw::name_to_mib(b"arena.4096.decay\0", &mut decay).map_err(err(DECAY_KEY))?;
             let page: usize = b"arenas.page\0".name().read().map_err(err("arenas.page"))?;
+            let figures = FIGURES
+                .iter()
+                .map(|figure| FigureMib::resolve(figure.key).map_err(err(figure.key_str())))
+                .collect::<Result<_, _>>()?;
             Ok(Self {
                 epoch: epoch::mib().map_err(err("epoch"))?,
-                allocated: stats::allocated::mib().map_err(err("stats.allocated"))?,
-                active: stats::active::mib().map_err(err("stats.active"))?,
-                metadata: stats::metadata::mib().map_err(err("stats.metadata"))?,
-                mapped: stats::mapped::mib().map_err(err("stats.mapped"))?,
-                retained: stats::retained::mib().map_err(err("stats.retained"))?,
-                resident: stats::resident::mib().map_err(err("stats.resident"))?,
-                pdirty: b"stats.arenas.4096.pdirty\0"
-                    .name()
-                    .mib()
-                    .map_err(err(PDIRTY_KEY))?,
-                pmuzzy: b"stats.arenas.4096.pmuzzy\0"
-                    .name()
-                    .mib()
-                    .map_err(err(PMUZZY_KEY))?,
+                figures,
                 narenas: arenas::narenas::mib().map_err(err("arenas.narenas"))?,
                 background_thread: background_thread::mib().map_err(err("background_thread"))?,
                 purge,
@@ -129,24 +200,14 @@ mod imp {
 
         /// Advances the epoch once, then reads every figure from that snapshot.
         pub(crate) fn snapshot(&self) -> Result<JemallocStats, JemallocError> {
-            crate::fault::check("epoch")?;
+            fault("epoch")?;
             self.epoch.advance().map_err(err("epoch"))?;
-            self.read_current()
-        }
-
-        /// Reads every figure from the current snapshot without advancing the epoch.
-        fn read_current(&self) -> Result<JemallocStats, JemallocError> {
-            let pdirty: usize = self.pdirty.read().map_err(err(PDIRTY_KEY))?;
-            let pmuzzy: usize = self.pmuzzy.read().map_err(err(PMUZZY_KEY))?;
-            Ok(JemallocStats {
-                allocated: self.allocated.read().map_err(err("stats.allocated"))? as u64,
-                active: self.active.read().map_err(err("stats.active"))? as u64,
-                metadata: self.metadata.read().map_err(err("stats.metadata"))? as u64,
-                mapped: self.mapped.read().map_err(err("stats.mapped"))? as u64,
-                retained: self.retained.read().map_err(err("stats.retained"))? as u64,
-                resident: self.resident.read().map_err(err("stats.resident"))? as u64,
-                dirty: pdirty as u64 * self.page,
-                muzzy: pmuzzy as u64 * self.page,
+            JemallocStats::try_from_table(|index, figure| {
+                let value = self.figures[index].read().map_err(err(figure.key_str()))? as u64;
+                Ok(match figure.unit {
+                    Unit::Bytes => value,
+                    Unit::Pages => value * self.page,
+                })
             })
         }
 
@@ -167,15 +228,14 @@ mod imp {
                 .map_err(err("background_thread"))
         }
 
-        /// `arena.<MALLCTL_ARENAS_ALL>.purge` (returns every arena's unused dirty and muzzy
-        /// pages to the OS now) or `arena.<MALLCTL_ARENAS_ALL>.decay` (only the pages whose
-        /// decay time has passed: gentler). Blocks the calling thread for as long as that takes.
-        pub(crate) fn purge_all(&self, mode: PurgeMode) -> Result<(), JemallocError> {
-            let (key, mib) = match mode {
-                PurgeMode::Purge => (PURGE_KEY, &self.purge),
-                PurgeMode::Decay => (DECAY_KEY, &self.decay),
+        /// `arena.<MALLCTL_ARENAS_ALL>.purge` or `.decay` (see [`ArenasControl`]). Blocks the
+        /// calling thread for as long as that takes.
+        pub(crate) fn arenas_control(&self, control: ArenasControl) -> Result<(), JemallocError> {
+            let (key, mib) = match control {
+                ArenasControl::Purge => (PURGE_KEY, &self.purge),
+                ArenasControl::Decay => (DECAY_KEY, &self.decay),
             };
-            crate::fault::check(key)?;
+            fault(key)?;
             // SAFETY: `mib` was resolved by `mallctlnametomib` for `arena.4096.purge` or
             // `arena.4096.decay`, void controls: they take no input and produce no output, so
             // null `oldp`/`oldlenp`/`newp` with `newlen == 0` is the documented call.
@@ -202,7 +262,7 @@ mod imp {
             }
         }
 
-        /// jemalloc's build and run-time configuration, for the stats summary.
+        /// jemalloc's build and run-time configuration.
         pub(crate) fn settings(&self) -> Result<Settings, JemallocError> {
             let decay_ms = |name: &'static [u8], key: &'static str| {
                 name.name()
@@ -224,32 +284,21 @@ mod imp {
             })
         }
 
-        /// `malloc_stats_print` output, at most `cap` bytes. With `compact`, per-arena, bin,
-        /// large-class and mutex details are left out.
+        /// Writes `malloc_stats_print`'s output to `out`.
         pub(crate) fn stats_print(
             &self,
-            json: bool,
-            compact: bool,
-            cap: usize,
-        ) -> Result<StatsDump, JemallocError> {
-            let mut options = stats_print::Options::default();
-            options.json_format = json;
-            options.skip_per_arena = compact;
-            options.skip_bin_size_classes = compact;
-            options.skip_large_size_classes = compact;
-            options.skip_mutex_statistics = compact;
-            let mut writer = CappedWriter {
-                out: Vec::with_capacity(cap.min(256 * 1024)),
-                cap,
-                truncated: false,
-            };
-            stats_print::stats_print(&mut writer, options).map_err(|e| JemallocError::Mallctl {
+            options: PrintOptions,
+            out: &mut impl std::io::Write,
+        ) -> Result<(), JemallocError> {
+            let mut print = stats_print::Options::default();
+            print.json_format = options.json;
+            print.skip_per_arena = options.compact;
+            print.skip_bin_size_classes = options.compact;
+            print.skip_large_size_classes = options.compact;
+            print.skip_mutex_statistics = options.compact;
+            stats_print::stats_print(out, print).map_err(|e| JemallocError::Mallctl {
                 key: "malloc_stats_print",
                 reason: e.to_string(),
-            })?;
-            Ok(StatsDump {
-                text: writer.out,
-                truncated: writer.truncated,
             })
         }
     }
@@ -258,36 +307,11 @@ mod imp {
     fn trim_nul(s: &'static str) -> &'static str {
         s.trim_end_matches('\0')
     }
-
-    /// Keeps the first `cap` bytes and drops the rest (never failing, so jemalloc finishes its
-    /// walk normally).
-    struct CappedWriter {
-        out: Vec<u8>,
-        cap: usize,
-        truncated: bool,
-    }
-
-    impl Write for CappedWriter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let room = self.cap - self.out.len();
-            if buf.len() > room {
-                self.truncated = true;
-            }
-            self.out.extend_from_slice(&buf[..buf.len().min(room)]);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 }
 
 #[cfg(not(jemalloc))]
 mod unsupported {
-    use super::{Settings, StatsDump};
-    use crate::purge::PurgeMode;
-    use crate::stats::{JemallocError, JemallocStats};
+    use super::{ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings};
 
     /// Stand-in for builds without jemalloc: it can never be constructed.
     pub(crate) enum Ctl {}
@@ -309,7 +333,7 @@ mod unsupported {
         pub(crate) fn background_threads_running(&self) -> Result<bool, JemallocError> {
             match *self {}
         }
-        pub(crate) fn purge_all(&self, _: PurgeMode) -> Result<(), JemallocError> {
+        pub(crate) fn arenas_control(&self, _: ArenasControl) -> Result<(), JemallocError> {
             match *self {}
         }
         pub(crate) fn settings(&self) -> Result<Settings, JemallocError> {
@@ -317,38 +341,10 @@ mod unsupported {
         }
         pub(crate) fn stats_print(
             &self,
-            _: bool,
-            _: bool,
-            _: usize,
-        ) -> Result<StatsDump, JemallocError> {
+            _: PrintOptions,
+            _: &mut impl std::io::Write,
+        ) -> Result<(), JemallocError> {
             match *self {}
         }
     }
-}
-
-/// jemalloc's configuration, as the stats summary reports it.
-#[derive(Debug, Clone)]
-#[cfg_attr(not(jemalloc), allow(dead_code))]
-pub(crate) struct Settings {
-    /// `version`.
-    pub(crate) version: &'static str,
-    /// `opt.background_thread`: whether background threads were asked for at start-up.
-    pub(crate) opt_background_thread: bool,
-    /// `background_thread`: whether they run now.
-    pub(crate) background_threads_running: bool,
-    /// `opt.dirty_decay_ms` (-1: never decay).
-    pub(crate) dirty_decay_ms: i64,
-    /// `opt.muzzy_decay_ms` (-1: never decay).
-    pub(crate) muzzy_decay_ms: i64,
-    /// `arenas.narenas`.
-    pub(crate) narenas: u32,
-    /// `config.malloc_conf`: the options built into the binary.
-    pub(crate) malloc_conf_compiled: &'static str,
-}
-
-/// Output of `malloc_stats_print`, possibly cut at the size cap.
-#[cfg_attr(not(jemalloc), allow(dead_code))]
-pub(crate) struct StatsDump {
-    pub(crate) text: Vec<u8>,
-    pub(crate) truncated: bool,
 }

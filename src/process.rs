@@ -1,16 +1,22 @@
-//! The OS's view of the process's memory, for the purge report: jemalloc's `resident` is its
-//! own accounting, while pages released with `MADV_FREE` stay in the process's RSS until the
+//! [`ProcessMemory`]: the OS's view of the process's memory, for the purge report: jemalloc's
+//! `resident` is its own accounting, while pages released with `MADV_FREE` stay in the process's RSS until the
 //! kernel needs them. The issue asked for `/proc/self/statm`; `VmRSS` in `/proc/self/status` is
 //! the same figure in kB.
 
+use serde::{Deserialize, Serialize};
+
 /// The process's memory as the kernel reports it (Linux only).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+///
+/// Serialized as `{"rss":…,"lazy_free":…}`, without `lazy_free` when it is not known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ProcessMemory {
     /// Resident set size in bytes (`VmRSS` in `/proc/self/status`: the figure of
     /// `/proc/self/statm`, already in kB, so no page size and no `unsafe` `sysconf` is needed).
     pub rss: u64,
     /// Bytes in pages released with `MADV_FREE` that the kernel has not reclaimed yet
     /// (`LazyFree` in `/proc/self/smaps_rollup`), when that file is readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy_free: Option<u64>,
 }
 
@@ -19,16 +25,6 @@ impl ProcessMemory {
     /// not mounted).
     pub fn read() -> Option<Self> {
         imp::read()
-    }
-
-    pub(crate) fn write_json(&self, out: &mut String) {
-        use std::fmt::Write;
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{{\"rss\":{}", self.rss);
-        if let Some(lazy_free) = self.lazy_free {
-            let _ = write!(out, ",\"lazy_free\":{lazy_free}");
-        }
-        out.push('}');
     }
 }
 
@@ -69,8 +65,7 @@ mod tests {
     fn reads_this_process() {
         let memory = ProcessMemory::read().expect("Linux has /proc/self/statm");
         assert!(memory.rss > 0);
-        let mut json = String::new();
-        memory.write_json(&mut json);
+        let json = serde_json::to_string(&memory).unwrap();
         assert!(
             json.starts_with(&format!("{{\"rss\":{}", memory.rss)),
             "{json}"

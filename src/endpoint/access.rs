@@ -4,12 +4,10 @@
 //! Checked after the method (a wrong method is a 405 whoever asks) and before any work:
 //! a missing or wrong token is a 401 with `WWW-Authenticate: Bearer`, a refused predicate a 403.
 
-use crate::response;
-use bytes::Bytes;
+use super::response::{self, Answer};
 use http::header::{HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
 use http::request::Parts;
-use http::{Response, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 use std::fmt;
 use std::sync::Arc;
 
@@ -43,7 +41,7 @@ impl Access {
     }
 
     /// `None` when the request may pass, otherwise the 401/403 answer.
-    pub(crate) fn refusal(&self, parts: &Parts) -> Option<Response<Full<Bytes>>> {
+    pub(crate) fn refusal(&self, parts: &Parts) -> Option<Answer> {
         if let Some(token) = &self.token {
             let presented = parts
                 .headers
@@ -70,21 +68,6 @@ impl Access {
         }
         None
     }
-}
-
-/// The checks every endpoint makes first, in the documented order: the method (405 with
-/// `Allow: <allow>`), then access (401/403). `None` when the request may go on.
-pub(crate) fn admit(
-    parts: &Parts,
-    methods: [http::Method; 2],
-    allow: &'static str,
-    path: &str,
-    access: &Access,
-) -> Option<Response<Full<Bytes>>> {
-    if !methods.contains(&parts.method) {
-        return Some(response::method_not_allowed(allow, path));
-    }
-    access.refusal(parts)
 }
 
 /// The credentials of an `Authorization: Bearer <token>` header (scheme case-insensitive).

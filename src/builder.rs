@@ -1,0 +1,628 @@
+//! [`JemallocLayerBuilder`]: configures and checks a [`JemallocLayer`], and the layer's
+//! constructors.
+//!
+//! Every endpoint is configured the same way, through [`path`](JemallocLayerBuilder::path),
+//! [`without`](JemallocLayerBuilder::without),
+//! [`bearer_token`](JemallocLayerBuilder::bearer_token) and
+//! [`authorize`](JemallocLayerBuilder::authorize) with an [`Endpoint`]; the per-endpoint
+//! methods (`purge_path`, `metrics_bearer_token`, …) are shorthands for them.
+
+use crate::endpoint::{
+    validate_token, Access, Context, Endpoint, Predicate, Route, Routes, Settings,
+};
+use crate::layer::JemallocLayer;
+use opentelemetry::metrics::{Meter, MeterProvider};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The instrumentation scope the layer's own meter uses (`otel_scope_name` in Prometheus).
+const SCOPE_NAME: &str = "tower-jemalloc";
+
+impl JemallocLayer {
+    /// A layer with the defaults: its own Prometheus registry, exporter and meter provider, no
+    /// namespace (`jemalloc_allocated_bytes`, …), and every endpoint on its default path.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: building the default configuration can only fail if the
+    /// OpenTelemetry exporter cannot register itself in a registry it has just created.
+    /// Use [`JemallocLayer::builder`] to handle every error.
+    pub fn new() -> Self {
+        Self::builder()
+            .build()
+            .expect("the default JemallocLayer configuration is valid")
+    }
+
+    /// A builder to choose the namespace, paths and access rules, or bring your own registry.
+    pub fn builder() -> JemallocLayerBuilder {
+        JemallocLayerBuilder::default()
+    }
+}
+
+impl Default for JemallocLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How one endpoint is configured.
+#[derive(Clone)]
+struct EndpointConfig {
+    /// `None`: switched off, its path is forwarded.
+    path: Option<String>,
+    token: Option<String>,
+    predicate: Option<Predicate>,
+}
+
+impl EndpointConfig {
+    fn has_rules(&self) -> bool {
+        self.token.is_some() || self.predicate.is_some()
+    }
+}
+
+impl fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Tokens are never printed.
+        f.debug_struct("EndpointConfig")
+            .field("path", &self.path)
+            .field("bearer_token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("predicate", &self.predicate.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
+}
+
+/// Builds a [`JemallocLayer`]. Made by [`JemallocLayer::builder`].
+#[must_use]
+pub struct JemallocLayerBuilder {
+    namespace: Option<String>,
+    registry: Option<(prometheus::Registry, Meter)>,
+    /// One per endpoint, in the order of [`Endpoint::ALL`].
+    endpoints: Vec<(Endpoint, EndpointConfig)>,
+    settings: Settings,
+}
+
+impl Default for JemallocLayerBuilder {
+    fn default() -> Self {
+        let endpoints = Endpoint::ALL
+            .iter()
+            .map(|&endpoint| {
+                let config = EndpointConfig {
+                    path: Some(endpoint.default_path().to_owned()),
+                    token: None,
+                    predicate: None,
+                };
+                (endpoint, config)
+            })
+            .collect();
+        Self {
+            namespace: None,
+            registry: None,
+            endpoints,
+            settings: Settings::default(),
+        }
+    }
+}
+
+impl fmt::Debug for JemallocLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JemallocLayerBuilder")
+            .field("namespace", &self.namespace)
+            .field("own_registry", &self.registry.is_some())
+            .field("endpoints", &self.endpoints)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl JemallocLayerBuilder {
+    /// Prefixes every exported name: with `"restate"` the gauges are
+    /// `restate_jemalloc_allocated_bytes`, …. Only for the registry the layer creates; a
+    /// registry brought with [`registry`](Self::registry) has its namespace set on its own
+    /// exporter.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Serves `registry` (already wired to your `opentelemetry-prometheus` exporter and meter
+    /// provider) instead of creating one, and registers the jemalloc gauges on `meter`, a meter
+    /// of that provider. Your application's own metrics then appear beside the gauges.
+    ///
+    /// ```
+    /// use tower_jemalloc::opentelemetry::metrics::MeterProvider;
+    /// use tower_jemalloc::opentelemetry_sdk::metrics::SdkMeterProvider;
+    /// use tower_jemalloc::{opentelemetry_prometheus, prometheus, JemallocLayer};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let registry = prometheus::Registry::new();
+    /// let exporter = opentelemetry_prometheus::exporter()
+    ///     .with_registry(registry.clone())
+    ///     .with_namespace("restate")
+    ///     .build()?;
+    /// let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+    ///
+    /// let layer = JemallocLayer::builder()
+    ///     .registry(registry, provider.meter("tower-jemalloc"))
+    ///     .build()?;
+    /// provider.meter("my-app").u64_counter("requests").build().add(1, &[]);
+    /// # drop(layer);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn registry(mut self, registry: prometheus::Registry, meter: Meter) -> Self {
+        self.registry = Some((registry, meter));
+        self
+    }
+
+    fn endpoint(&mut self, endpoint: Endpoint) -> &mut EndpointConfig {
+        let (_, config) = self
+            .endpoints
+            .iter_mut()
+            .find(|(e, _)| *e == endpoint)
+            .expect("every endpoint has a configuration");
+        config
+    }
+
+    /// Serves `endpoint` on `path` instead of its default (see [`Endpoint::default_path`]).
+    /// The path must be absolute, without query or fragment, and differ from the other
+    /// endpoints' paths.
+    pub fn path(mut self, endpoint: Endpoint, path: impl Into<String>) -> Self {
+        self.endpoint(endpoint).path = Some(path.into());
+        self
+    }
+
+    /// Switches `endpoint` off: requests on its path are forwarded like any other.
+    pub fn without(mut self, endpoint: Endpoint) -> Self {
+        self.endpoint(endpoint).path = None;
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` on `endpoint`. A missing or wrong token gets a
+    /// 401 with `WWW-Authenticate: Bearer`. The comparison takes the same time wherever the
+    /// presented token differs, so it cannot be guessed byte by byte. For `/metrics`, set the
+    /// same token in Prometheus's scrape config (`authorization: {credentials: …}`).
+    pub fn bearer_token(mut self, endpoint: Endpoint, token: impl Into<String>) -> Self {
+        self.endpoint(endpoint).token = Some(token.into());
+        self
+    }
+
+    /// Lets a request on `endpoint` through only when `allow` returns `true`; otherwise 403.
+    /// `allow` sees the method, URI, headers and extensions (for example axum's
+    /// `ConnectInfo<SocketAddr>`, present when the app is served with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`, or an mTLS identity your TLS
+    /// layer inserted). It is checked after the bearer token, if both are set. It must not
+    /// block.
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use axum::extract::ConnectInfo;
+    /// use tower_jemalloc::{Endpoint, JemallocLayer};
+    ///
+    /// let layer = JemallocLayer::builder()
+    ///     .authorize(Endpoint::Purge, |request| {
+    ///         request
+    ///             .extensions
+    ///             .get::<ConnectInfo<SocketAddr>>()
+    ///             .is_some_and(|ConnectInfo(peer)| peer.ip().is_loopback())
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer);
+    /// ```
+    pub fn authorize<F>(mut self, endpoint: Endpoint, allow: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.endpoint(endpoint).predicate = Some(Arc::new(allow));
+        self
+    }
+
+    /// Serves the Prometheus text exposition on `path` instead of `/metrics`:
+    /// [`path`](Self::path)`(Endpoint::Metrics, path)`.
+    pub fn metrics_path(self, path: impl Into<String>) -> Self {
+        self.path(Endpoint::Metrics, path)
+    }
+
+    /// [`without`](Self::without)`(Endpoint::Metrics)`.
+    pub fn without_metrics(self) -> Self {
+        self.without(Endpoint::Metrics)
+    }
+
+    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Metrics, token)`. Open by default.
+    pub fn metrics_bearer_token(self, token: impl Into<String>) -> Self {
+        self.bearer_token(Endpoint::Metrics, token)
+    }
+
+    /// [`authorize`](Self::authorize)`(Endpoint::Metrics, allow)`.
+    pub fn metrics_authorize<F>(self, allow: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.authorize(Endpoint::Metrics, allow)
+    }
+
+    /// Serves the purge endpoint on `path` instead of `/debug/jemalloc/purge`:
+    /// [`path`](Self::path)`(Endpoint::Purge, path)`.
+    pub fn purge_path(self, path: impl Into<String>) -> Self {
+        self.path(Endpoint::Purge, path)
+    }
+
+    /// [`without`](Self::without)`(Endpoint::Purge)`.
+    pub fn without_purge(self) -> Self {
+        self.without(Endpoint::Purge)
+    }
+
+    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Purge, token)`.
+    pub fn purge_bearer_token(self, token: impl Into<String>) -> Self {
+        self.bearer_token(Endpoint::Purge, token)
+    }
+
+    /// [`authorize`](Self::authorize)`(Endpoint::Purge, allow)`.
+    pub fn purge_authorize<F>(self, allow: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.authorize(Endpoint::Purge, allow)
+    }
+
+    /// Serves jemalloc's statistics dump on `path` instead of `/debug/jemalloc/stats`:
+    /// [`path`](Self::path)`(Endpoint::Stats, path)`.
+    pub fn stats_path(self, path: impl Into<String>) -> Self {
+        self.path(Endpoint::Stats, path)
+    }
+
+    /// [`without`](Self::without)`(Endpoint::Stats)`.
+    pub fn without_stats(self) -> Self {
+        self.without(Endpoint::Stats)
+    }
+
+    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Stats, token)`.
+    ///
+    /// Unless a stats token or predicate is set, the stats endpoint is guarded exactly like the
+    /// purge endpoint (both are debug endpoints that operators, not the public, use).
+    pub fn stats_bearer_token(self, token: impl Into<String>) -> Self {
+        self.bearer_token(Endpoint::Stats, token)
+    }
+
+    /// [`authorize`](Self::authorize)`(Endpoint::Stats, allow)`; see
+    /// [`stats_bearer_token`](Self::stats_bearer_token) for the rules it replaces.
+    pub fn stats_authorize<F>(self, allow: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.authorize(Endpoint::Stats, allow)
+    }
+
+    /// The minimum time from the end of one purge to the start of the next (default 1 s);
+    /// `Duration::ZERO` disables it. A purge asked for sooner gets a 429 with `Retry-After`
+    /// in whole seconds, rounded up.
+    pub fn purge_cooldown(mut self, cooldown: Duration) -> Self {
+        self.settings.purge_cooldown = cooldown;
+        self
+    }
+
+    /// How many scrapes may be in flight at once (default 16); beyond that a scrape gets a 503
+    /// with `Retry-After: 1`. Concurrent scrapes share one render, so this bounds waiting
+    /// requests, not rendering work.
+    pub fn max_concurrent_scrapes(mut self, limit: usize) -> Self {
+        self.settings.max_concurrent_scrapes = limit;
+        self
+    }
+
+    /// Lets a render that finished less than `window` ago answer new scrapes too (default:
+    /// zero, so a scrape joins the render in progress or starts one, never reusing one that
+    /// had finished before it arrived). Scrapes in flight together always share one render; a
+    /// window also merges scrapes that arrive one after another, bounding renders to about one
+    /// per window under a scrape storm, at the price of data up to `window` old.
+    pub fn scrape_reuse_window(mut self, window: Duration) -> Self {
+        self.settings.scrape_reuse_window = window;
+        self
+    }
+
+    /// Whether `/metrics` is gzip-compressed for clients whose `Accept-Encoding` allows it
+    /// (default `true`; Prometheus always asks for gzip).
+    pub fn gzip(mut self, enabled: bool) -> Self {
+        self.settings.gzip = enabled;
+        self
+    }
+
+    /// The largest stats dump the endpoint answers with (default 4 MiB). A JSON dump over it
+    /// is retried without per-arena details; a text dump is cut.
+    pub fn stats_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.settings.stats_max_bytes = max_bytes;
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    ///
+    /// When jemalloc's statistics cannot be read in this process (it is not the global
+    /// allocator, or not compiled in), the layer is still built: the gauges are left out (a
+    /// warning is logged once) and the purge and stats endpoints answer 503 (501 without
+    /// jemalloc).
+    ///
+    /// # Errors
+    ///
+    /// A [`BuildError`] naming the bad setting: a path that is not an absolute path, two
+    /// endpoints on the same path, an invalid namespace, a namespace given with your own
+    /// registry, the exporter failing to register, a token that cannot be sent in a header,
+    /// or a scrape limit of zero.
+    pub fn build(self) -> Result<JemallocLayer, BuildError> {
+        if self.settings.max_concurrent_scrapes == 0 {
+            return Err(BuildError::ZeroScrapeLimit);
+        }
+        let mut paths: Vec<(Endpoint, Box<str>, Access)> = Vec::new();
+        for (endpoint, config) in &self.endpoints {
+            let Some(path) = &config.path else { continue };
+            let path = validate_path(path)?;
+            if paths.iter().any(|(_, other, _)| *other == path) {
+                return Err(BuildError::SamePath(path.into()));
+            }
+            // An endpoint without rules of its own follows the rules of the one it names.
+            let rules = match endpoint.access_from() {
+                Some(from) if !config.has_rules() => self.config(from),
+                _ => config,
+            };
+            paths.push((*endpoint, path, access(*endpoint, rules)?));
+        }
+        if let Some(namespace) = &self.namespace {
+            validate_namespace(namespace)?;
+        }
+
+        let (registry, meter, provider) = match (self.registry, self.namespace) {
+            (Some(_), Some(namespace)) => return Err(BuildError::NamespaceWithRegistry(namespace)),
+            (Some((registry, meter)), None) => (registry, meter, None),
+            (None, namespace) => {
+                let registry = prometheus::Registry::new();
+                let mut exporter =
+                    opentelemetry_prometheus::exporter().with_registry(registry.clone());
+                if let Some(namespace) = namespace {
+                    exporter = exporter.with_namespace(namespace);
+                }
+                let exporter = exporter.build().map_err(BuildError::Exporter)?;
+                let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+                let meter = provider.meter_with_scope(
+                    opentelemetry::InstrumentationScope::builder(SCOPE_NAME)
+                        .with_version(env!("CARGO_PKG_VERSION"))
+                        .build(),
+                );
+                (registry, meter, Some(provider))
+            }
+        };
+        // Without jemalloc the gauges are left out; `ctl` has logged why, once.
+        let _ = crate::jemalloc::instruments::register_instruments(&meter);
+
+        let context = Context {
+            registry: &registry,
+            meter: &meter,
+            settings: &self.settings,
+        };
+        let routes = paths
+            .into_iter()
+            .map(|(endpoint, path, access)| Route::new(endpoint, path, access, &context))
+            .collect();
+        Ok(JemallocLayer::from_parts(
+            Routes::new(routes),
+            registry,
+            provider,
+        ))
+    }
+
+    fn config(&self, endpoint: Endpoint) -> &EndpointConfig {
+        self.endpoints
+            .iter()
+            .find_map(|(e, config)| (*e == endpoint).then_some(config))
+            .expect("every endpoint has a configuration")
+    }
+}
+
+/// The access rules of `endpoint` from `config`, its token checked.
+fn access(endpoint: Endpoint, config: &EndpointConfig) -> Result<Access, BuildError> {
+    let mut access = Access::default();
+    if let Some(token) = &config.token {
+        validate_token(token).map_err(|reason| BuildError::InvalidToken { endpoint, reason })?;
+        access.set_token(token.clone());
+    }
+    if let Some(predicate) = &config.predicate {
+        access.set_predicate(Arc::clone(predicate));
+    }
+    Ok(access)
+}
+
+fn validate_path(path: &str) -> Result<Box<str>, BuildError> {
+    let reason = if !path.starts_with('/') {
+        Some("must start with '/'")
+    } else if path.contains(['?', '#']) {
+        Some("must not contain a query ('?') or fragment ('#')")
+    } else if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("must not contain whitespace or control characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(BuildError::InvalidPath {
+            path: path.to_owned(),
+            reason,
+        }),
+        None => Ok(path.into()),
+    }
+}
+
+/// A Prometheus metric name prefix: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+fn validate_namespace(namespace: &str) -> Result<(), BuildError> {
+    let mut chars = namespace.chars();
+    let valid_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':');
+    if valid_first && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+        Ok(())
+    } else {
+        Err(BuildError::InvalidNamespace(namespace.to_owned()))
+    }
+}
+
+/// Why [`JemallocLayerBuilder::build`] refused a configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A path is not an absolute URI path.
+    #[error("invalid path {path:?}: {reason}")]
+    InvalidPath {
+        /// The path as given.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Two endpoints have the same path.
+    #[error("two endpoints have the same path {0:?}")]
+    SamePath(String),
+    /// The namespace is not a valid Prometheus name prefix (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+    #[error("invalid namespace {0:?}: must match [a-zA-Z_:][a-zA-Z0-9_:]*")]
+    InvalidNamespace(String),
+    /// A namespace was given together with your own registry; set it on your exporter instead.
+    #[error("namespace {0:?} given with your own registry: set it on your exporter instead")]
+    NamespaceWithRegistry(String),
+    /// The OpenTelemetry Prometheus exporter could not be built; the exporter's error is the
+    /// [`source`](std::error::Error::source).
+    #[error("cannot build the Prometheus exporter")]
+    Exporter(#[source] opentelemetry_sdk::error::OTelSdkError),
+    /// A bearer token cannot be sent in an `Authorization` header.
+    #[error("invalid {endpoint} bearer token: {reason}")]
+    InvalidToken {
+        /// The endpoint it was given for.
+        endpoint: Endpoint,
+        /// What is wrong with it (the token itself is never included).
+        reason: &'static str,
+    },
+    /// [`max_concurrent_scrapes`](JemallocLayerBuilder::max_concurrent_scrapes) is zero, which
+    /// would refuse every scrape; use [`without_metrics`](JemallocLayerBuilder::without_metrics).
+    #[error("max_concurrent_scrapes is 0, which refuses every scrape; use without_metrics()")]
+    ZeroScrapeLimit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(builder: JemallocLayerBuilder) -> BuildError {
+        builder.build().expect_err("refused")
+    }
+
+    #[test]
+    fn rejects_bad_configuration() {
+        let err = refused(JemallocLayer::builder().metrics_path("metrics"));
+        assert!(matches!(err, BuildError::InvalidPath { .. }), "{err:?}");
+        let err = refused(JemallocLayer::builder().purge_path("/a?b"));
+        assert!(matches!(err, BuildError::InvalidPath { .. }), "{err:?}");
+        let err = refused(JemallocLayer::builder().metrics_path("/x").purge_path("/x"));
+        assert!(
+            matches!(err, BuildError::SamePath(ref p) if p == "/x"),
+            "{err:?}"
+        );
+        let err = refused(JemallocLayer::builder().stats_path("/debug/jemalloc/purge"));
+        assert!(
+            matches!(err, BuildError::SamePath(ref p) if p == "/debug/jemalloc/purge"),
+            "{err:?}"
+        );
+        let err = refused(JemallocLayer::builder().namespace("1abc"));
+        assert!(
+            matches!(err, BuildError::InvalidNamespace(ref n) if n == "1abc"),
+            "{err:?}"
+        );
+        let err = refused(JemallocLayer::builder().namespace(""));
+        assert!(
+            matches!(err, BuildError::InvalidNamespace(ref n) if n.is_empty()),
+            "{err:?}"
+        );
+
+        let provider = SdkMeterProvider::builder().build();
+        let err = refused(
+            JemallocLayer::builder()
+                .namespace("x")
+                .registry(prometheus::Registry::new(), provider.meter("m")),
+        );
+        assert!(
+            matches!(err, BuildError::NamespaceWithRegistry(ref n) if n == "x"),
+            "{err:?}"
+        );
+
+        let err = refused(JemallocLayer::builder().purge_bearer_token("a b"));
+        assert!(
+            matches!(
+                err,
+                BuildError::InvalidToken {
+                    endpoint: Endpoint::Purge,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "invalid purge bearer token: may only contain A-Z a-z 0-9 - . _ ~ + / ="
+        );
+        let err = refused(JemallocLayer::builder().metrics_bearer_token(""));
+        assert!(
+            matches!(
+                err,
+                BuildError::InvalidToken {
+                    endpoint: Endpoint::Metrics,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = refused(JemallocLayer::builder().max_concurrent_scrapes(0));
+        assert!(matches!(err, BuildError::ZeroScrapeLimit), "{err:?}");
+    }
+
+    #[test]
+    fn debug_never_prints_tokens() {
+        let builder = JemallocLayer::builder()
+            .purge_bearer_token("hunter2")
+            .metrics_bearer_token("swordfish");
+        let printed = format!("{builder:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains("swordfish"));
+        let layer = builder.build().unwrap();
+        let printed = format!("{layer:?}");
+        assert!(!printed.contains("hunter2") && !printed.contains("swordfish"));
+    }
+
+    #[test]
+    fn every_endpoint_can_be_moved_or_switched_off() {
+        let layer = JemallocLayer::builder()
+            .without_metrics()
+            .without_purge()
+            .without_stats()
+            .build()
+            .unwrap();
+        for &endpoint in Endpoint::ALL {
+            assert_eq!(layer.path(endpoint), None, "{endpoint}");
+        }
+        let layer = JemallocLayer::builder()
+            .path(Endpoint::Stats, "/stats")
+            .build()
+            .unwrap();
+        assert_eq!(layer.path(Endpoint::Stats), Some("/stats"));
+        assert_eq!(layer.path(Endpoint::Metrics), Some("/metrics"));
+    }
+
+    #[test]
+    fn stats_follows_purge_rules_unless_it_has_its_own() {
+        let parts = |auth: Option<&str>| {
+            let mut request = http::Request::get("/");
+            if let Some(auth) = auth {
+                request = request.header("authorization", auth);
+            }
+            request.body(()).unwrap().into_parts().0
+        };
+        let builder = JemallocLayer::builder().purge_bearer_token("p");
+        let inherited = access(Endpoint::Stats, builder.config(Endpoint::Purge)).unwrap();
+        assert!(inherited.refusal(&parts(None)).is_some());
+        assert!(inherited.refusal(&parts(Some("Bearer p"))).is_none());
+        let layer = builder.build().unwrap();
+        let printed = format!("{layer:?}");
+        assert_eq!(printed.matches("<redacted>").count(), 2, "{printed}");
+    }
+}

@@ -1,0 +1,57 @@
+//! [`Handler`]: the steps of one endpoint, and the pipeline that runs them in order after
+//! admission (parameters, availability and start, answer).
+
+use super::job::Job;
+use super::response::{Answer, Reply};
+use super::settings::Settings;
+use http::request::Parts;
+use http::Method;
+use opentelemetry::metrics::Meter;
+
+/// What one endpoint does with an admitted request. The pipeline (this module) calls the
+/// steps in order and stops at the first refusal.
+pub(crate) trait Handler: Send + Sync + Sized + 'static {
+    /// The methods it answers; any other gets a 405 naming them.
+    const METHODS: &'static [Method];
+    /// [`METHODS`](Self::METHODS) as an `Allow` header.
+    const ALLOW: &'static str;
+    /// What a request asks for.
+    type Params: Send + 'static;
+    /// What the job produces; shared by every request that waited for the same job.
+    type Output: Send + Sync + 'static;
+
+    /// Builds the handler from the layer's configuration.
+    fn new(context: &Context<'_>) -> Self;
+    /// Reads the request's parameters, or answers why not (400).
+    fn params(&self, parts: &Parts) -> Result<Self::Params, Answer>;
+    /// Checks availability and starts (or joins) the job, or answers why not.
+    fn start(&self, params: &Self::Params) -> Result<Job<Self::Output>, Answer>;
+    /// The answer for a finished job.
+    fn answer(output: &Self::Output, params: &Self::Params) -> Answer;
+}
+
+/// What the handlers are built from.
+pub(crate) struct Context<'a> {
+    pub(crate) registry: &'a prometheus::Registry,
+    pub(crate) meter: &'a Meter,
+    pub(crate) settings: &'a Settings,
+}
+
+/// The pipeline after admission, for one kind of handler.
+pub(crate) trait Respond: Send + Sync {
+    /// Answers an admitted request; `endpoint` names it in the fallback answer.
+    fn respond(&self, endpoint: &'static str, parts: &Parts) -> Reply;
+}
+
+impl<H: Handler> Respond for H {
+    fn respond(&self, endpoint: &'static str, parts: &Parts) -> Reply {
+        let params = match self.params(parts) {
+            Ok(params) => params,
+            Err(refusal) => return Reply::Now(refusal),
+        };
+        match self.start(&params) {
+            Ok(job) => job.reply(endpoint, move |output| H::answer(output, &params)),
+            Err(refusal) => Reply::Now(refusal),
+        }
+    }
+}

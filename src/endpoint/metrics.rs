@@ -1,0 +1,227 @@
+//! `GET|HEAD /metrics`: the Prometheus text exposition of the layer's registry.
+//!
+//! - **Coalescing**: a scrape that arrives while a render is running waits for that render
+//!   instead of starting another, so scrapes in flight together cost one render (and one
+//!   jemalloc epoch advance). A scrape never gets a render that had finished before it
+//!   arrived (it joins the one in progress or starts one), unless a reuse window is configured:
+//!   then a render that finished less than that long ago answers it too, which bounds renders
+//!   to about one per window under a scrape storm.
+//! - **Off the workers**: on a tokio runtime the render (gathering the OpenTelemetry SDK, which
+//!   runs every observable callback, then encoding) runs on the blocking pool; outside one it
+//!   runs inline. A collector that panics gets its scrape a 500, and the next scrape renders
+//!   afresh.
+//! - **gzip**: when `Accept-Encoding` allows gzip (Prometheus always sends it), the body is
+//!   gzip-compressed once per render and shared; `Vary: Accept-Encoding` is always set.
+//! - **In-flight limit**: beyond the configured number of concurrent scrapes, a scrape gets a
+//!   503 with `Retry-After: 1` at once.
+//!
+//! Order of checks after admission: in-flight limit (503), then the render.
+
+use super::handler::{Context, Handler};
+use super::job::{Flight, Job, Runner};
+use super::response::{self, Answer};
+use crate::exposition::{Render, Renderer, CONTENT_TYPE};
+use bytes::Bytes;
+use http::header::{
+    HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, VARY,
+};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The metrics endpoint of one layer.
+pub(crate) struct Metrics {
+    renderer: Arc<Renderer>,
+    renders: Arc<Flight<Rendered>>,
+    gzip: bool,
+    limit: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The outcome of one render, shared by every scrape that waited for it.
+type Rendered = Result<Render, String>;
+
+/// What a scrape asks for.
+pub(crate) struct Scrape {
+    head: bool,
+    gzip: bool,
+    /// Whether the answer depends on `Accept-Encoding` (gzip is on).
+    varies: bool,
+}
+
+impl Handler for Metrics {
+    const METHODS: &'static [Method] = &[Method::GET, Method::HEAD];
+    const ALLOW: &'static str = "GET, HEAD";
+    type Params = Scrape;
+    type Output = Rendered;
+
+    fn new(context: &Context<'_>) -> Self {
+        let settings = context.settings;
+        Self {
+            renderer: Arc::new(Renderer::new(context.registry.clone())),
+            renders: Arc::new(Flight::new(settings.scrape_reuse_window)),
+            gzip: settings.gzip,
+            limit: settings.max_concurrent_scrapes,
+            in_flight: Arc::default(),
+        }
+    }
+
+    fn params(&self, parts: &Parts) -> Result<Scrape, Answer> {
+        Ok(Scrape {
+            head: parts.method == Method::HEAD,
+            gzip: self.gzip && accepts_gzip(&parts.headers),
+            varies: self.gzip,
+        })
+    }
+
+    fn start(&self, scrape: &Scrape) -> Result<Job<Rendered>, Answer> {
+        let Some(slot) = InFlight::acquire(&self.in_flight, self.limit) else {
+            return Err(response::retry_after(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Duration::from_secs(1),
+                format_args!(
+                    "too many concurrent scrapes (limit {}); retry shortly",
+                    self.limit
+                ),
+            ));
+        };
+        let renderer = Arc::clone(&self.renderer);
+        let gzip = scrape.gzip;
+        let job = self.renders.join_or_start(Runner::BlockingPool, move || {
+            // A collector the application registered may panic; the scrape still gets an
+            // answer (500) and the next scrape starts a fresh render.
+            let rendered =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| renderer.render()))
+                    .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
+            // Compress here, off the workers, when the scrape that started the render wants it.
+            if let (Ok(render), true) = (&rendered, gzip) {
+                render.gzip();
+            }
+            rendered
+        })?;
+        Ok(job.holding(slot))
+    }
+
+    fn answer(rendered: &Rendered, scrape: &Scrape) -> Answer {
+        let render = match rendered {
+            Ok(render) => render,
+            Err(reason) => return response::text(StatusCode::INTERNAL_SERVER_ERROR, reason),
+        };
+        let body = if scrape.gzip {
+            render.gzip()
+        } else {
+            render.text()
+        };
+        let length = body.len();
+        let mut answer = Response::new(Full::new(if scrape.head {
+            Bytes::new()
+        } else {
+            body.clone()
+        }));
+        let headers = answer.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(CONTENT_TYPE),
+        );
+        if scrape.varies {
+            headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
+        }
+        if scrape.gzip {
+            headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        if scrape.head {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        answer
+    }
+}
+
+/// Counts a scrape as in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn acquire(count: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether `Accept-Encoding` allows gzip: a `gzip` (or `x-gzip`) entry with a non-zero
+/// quality, or else a `*` entry with a non-zero quality.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut gzip = None;
+    let mut any = None;
+    for value in headers.get_all(ACCEPT_ENCODING) {
+        let Ok(value) = value.to_str() else { continue };
+        for entry in value.split(',') {
+            let mut fields = entry.split(';');
+            let coding = fields.next().unwrap_or("").trim();
+            let quality = fields
+                .filter_map(|p| {
+                    let (key, value) = p.split_once('=')?;
+                    key.trim()
+                        .eq_ignore_ascii_case("q")
+                        .then(|| value.trim().parse::<f32>().unwrap_or(0.0))
+                })
+                .next()
+                .unwrap_or(1.0);
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                gzip = Some(quality > 0.0);
+            } else if coding == "*" {
+                any = Some(quality > 0.0);
+            }
+        }
+    }
+    gzip.or(any).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for v in values {
+            map.append(ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn accept_encoding_negotiation() {
+        assert!(accepts_gzip(&headers(&["gzip"])));
+        assert!(accepts_gzip(&headers(&["deflate, GZIP;q=0.5"])));
+        assert!(accepts_gzip(&headers(&["x-gzip"])));
+        assert!(accepts_gzip(&headers(&["*"])));
+        assert!(accepts_gzip(&headers(&["br", "gzip"])));
+        assert!(!accepts_gzip(&headers(&[])));
+        assert!(!accepts_gzip(&headers(&["identity"])));
+        assert!(!accepts_gzip(&headers(&["br, deflate"])));
+        assert!(!accepts_gzip(&headers(&["gzip;q=0"])));
+        assert!(!accepts_gzip(&headers(&["*, gzip;q=0"])));
+        assert!(!accepts_gzip(&headers(&["*;q=0"])));
+        assert!(!accepts_gzip(&headers(&["gzip;q=bogus"])));
+    }
+
+    #[test]
+    fn in_flight_slots_are_bounded_and_returned() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let first = InFlight::acquire(&count, 1).unwrap();
+        assert!(InFlight::acquire(&count, 1).is_none());
+        drop(first);
+        assert!(InFlight::acquire(&count, 1).is_some());
+    }
+}

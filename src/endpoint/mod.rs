@@ -1,0 +1,188 @@
+//! The endpoints the layer answers itself, and the one pipeline every intercepted request
+//! goes through:
+//!
+//! 1. **admit**: the method (405 with `Allow`), then access (401 with
+//!    `WWW-Authenticate: Bearer`, or 403), whoever the endpoint is;
+//! 2. **parameters**: from the query string and headers (400 with a reason naming what is
+//!    allowed), [`Handler::params`];
+//! 3. **availability and start**: jemalloc usable (501/503), a slot free (409, 429 or 503 with
+//!    `Retry-After`), then the job starts off the async workers or joins the one in progress,
+//!    [`Handler::start`];
+//! 4. **answer**, when the job reports, [`Handler::answer`]; a job that ended without a result
+//!    gets the one fallback, a 500 naming the endpoint.
+//!
+//! An endpoint is one file with a [`Handler`] and one line in the `endpoints!` table below.
+
+// A refusal is the answer itself (`Err(response)`): it is built once per intercepted request
+// and moved straight into the reply, so boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
+mod access;
+mod handler;
+mod job;
+mod metrics;
+mod purge;
+mod query;
+mod response;
+mod settings;
+mod stats;
+
+pub(crate) use access::{validate_token, Access, Predicate};
+pub(crate) use handler::Context;
+pub(crate) use response::Reply;
+pub(crate) use settings::Settings;
+pub use settings::{
+    DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES,
+};
+
+use handler::{Handler, Respond};
+use http::request::Parts;
+use http::Method;
+use std::fmt;
+
+macro_rules! endpoints {
+    ($(
+        $(#[doc = $doc:literal])*
+        $variant:ident => $name:literal, $default_path:ident = $path:literal, $handler:ty
+            $(, access from $access_from:ident)?;
+    )*) => {
+        /// One of the endpoints the layer answers itself, to configure with the builder's
+        /// generic methods ([`path`](crate::JemallocLayerBuilder::path),
+        /// [`without`](crate::JemallocLayerBuilder::without),
+        /// [`bearer_token`](crate::JemallocLayerBuilder::bearer_token),
+        /// [`authorize`](crate::JemallocLayerBuilder::authorize)).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Endpoint {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        $(
+            #[doc = concat!("The default path of the ", $name, " endpoint.")]
+            pub const $default_path: &str = $path;
+        )*
+
+        impl Endpoint {
+            /// Every endpoint, in the order the layer matches paths.
+            pub const ALL: &'static [Endpoint] = &[$(Self::$variant),*];
+
+            /// Its name in messages and errors: `"metrics"`, `"purge"`, `"stats"`.
+            pub fn name(self) -> &'static str {
+                match self { $(Self::$variant => $name,)* }
+            }
+
+            /// The path it answers unless configured otherwise.
+            pub fn default_path(self) -> &'static str {
+                match self { $(Self::$variant => $default_path,)* }
+            }
+
+            /// Whose access rules it follows when it has none of its own.
+            pub(crate) fn access_from(self) -> Option<Endpoint> {
+                match self { $(Self::$variant => None $(.or(Some(Self::$access_from)))?,)* }
+            }
+
+            /// The methods it answers, and them as an `Allow` header.
+            fn methods(self) -> (&'static [Method], &'static str) {
+                match self {
+                    $(Self::$variant => (<$handler as Handler>::METHODS, <$handler as Handler>::ALLOW),)*
+                }
+            }
+
+            fn handler(self, context: &Context<'_>) -> Box<dyn Respond> {
+                match self { $(Self::$variant => Box::new(<$handler as Handler>::new(context)),)* }
+            }
+        }
+    };
+}
+
+endpoints! {
+    /// `GET|HEAD /metrics`: the Prometheus text exposition.
+    Metrics => "metrics", DEFAULT_METRICS_PATH = "/metrics", metrics::Metrics;
+    /// `POST|PUT /debug/jemalloc/purge`: returns unused pages to the OS.
+    Purge => "purge", DEFAULT_PURGE_PATH = "/debug/jemalloc/purge", purge::Purge;
+    /// `GET|HEAD /debug/jemalloc/stats`: `malloc_stats_print` with a summary.
+    Stats => "stats", DEFAULT_STATS_PATH = "/debug/jemalloc/stats", stats::Stats,
+        access from Purge;
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One intercepted path: who may use it and what answers it.
+pub(crate) struct Route {
+    endpoint: Endpoint,
+    path: Box<str>,
+    access: Access,
+    methods: &'static [Method],
+    allow: &'static str,
+    handler: Box<dyn Respond>,
+}
+
+impl Route {
+    /// The route of `endpoint` on `path`, its handler built from `context`.
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        path: Box<str>,
+        access: Access,
+        context: &Context<'_>,
+    ) -> Self {
+        let (methods, allow) = endpoint.methods();
+        Self {
+            endpoint,
+            path,
+            access,
+            methods,
+            allow,
+            handler: endpoint.handler(context),
+        }
+    }
+
+    /// Answers a request on this route: admission, then the handler's pipeline. The body of
+    /// an intercepted request is never read.
+    pub(crate) fn respond(&self, parts: &Parts) -> Reply {
+        if !self.methods.contains(&parts.method) {
+            return Reply::Now(response::method_not_allowed(self.allow, &self.path));
+        }
+        if let Some(refusal) = self.access.refusal(parts) {
+            return Reply::Now(refusal);
+        }
+        self.handler.respond(self.endpoint.name(), parts)
+    }
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("endpoint", &self.endpoint)
+            .field("path", &self.path)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+/// Every route of one layer, matched by exact path.
+#[derive(Debug)]
+pub(crate) struct Routes(Box<[Route]>);
+
+impl Routes {
+    pub(crate) fn new(routes: Vec<Route>) -> Self {
+        Self(routes.into_boxed_slice())
+    }
+
+    /// The route answering `path`, if any: paths match exactly.
+    #[inline]
+    pub(crate) fn find(&self, path: &str) -> Option<&Route> {
+        self.0.iter().find(|route| *route.path == *path)
+    }
+
+    /// The path `endpoint` answers, if it is on.
+    pub(crate) fn path(&self, endpoint: Endpoint) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|route| route.endpoint == endpoint)
+            .map(|route| &*route.path)
+    }
+}

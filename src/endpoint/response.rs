@@ -1,0 +1,121 @@
+//! The responses the layer writes itself: one-line plain-text reasons, JSON, and the shared
+//! 405, `Retry-After` and jemalloc-error answers.
+
+use crate::jemalloc::JemallocError;
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// A response the layer writes itself.
+pub(crate) type Answer = Response<Full<Bytes>>;
+
+/// An intercepted request's answer: at once, or when its job reports.
+pub(crate) enum Reply {
+    /// Answered without waiting.
+    Now(Answer),
+    /// Answered when the job (a render, a purge, a dump) reports.
+    Later(Pin<Box<dyn Future<Output = Answer> + Send>>),
+}
+
+const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// `status` with `body` and its content type.
+pub(crate) fn with_body(status: StatusCode, content_type: HeaderValue, body: Bytes) -> Answer {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, content_type);
+    response
+}
+
+/// `status` with `reason` as a one-line `text/plain` body (line breaks inside `reason`, as in
+/// some library errors' messages, become spaces).
+pub(crate) fn text(status: StatusCode, reason: impl std::fmt::Display) -> Answer {
+    let mut line = reason.to_string().replace(['\r', '\n'], " ");
+    line.push('\n');
+    with_body(status, TEXT_PLAIN, Bytes::from(line))
+}
+
+/// 200 with `body` as `text/plain`, as it is.
+pub(crate) fn plain(body: Bytes) -> Answer {
+    with_body(StatusCode::OK, TEXT_PLAIN, body)
+}
+
+/// 200 with `value` rendered as JSON (serde_json).
+pub(crate) fn json(value: &impl serde::Serialize) -> Answer {
+    match serde_json::to_vec(value) {
+        Ok(body) => with_body(StatusCode::OK, APPLICATION_JSON, Bytes::from(body)),
+        // The crate's own types always serialize; a failure is a bug, still answered.
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format_args!("cannot render the answer as JSON: {e}"),
+        ),
+    }
+}
+
+/// 405 naming the methods `path` accepts, with the matching `Allow` header.
+pub(crate) fn method_not_allowed(allow: &'static str, path: &str) -> Answer {
+    let mut response = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format_args!("method not allowed: {path} accepts {allow}"),
+    );
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// `status` with `reason`, and `Retry-After` in whole seconds, rounded up (at least 1).
+pub(crate) fn retry_after(
+    status: StatusCode,
+    wait: Duration,
+    reason: impl std::fmt::Display,
+) -> Answer {
+    let mut response = text(status, reason);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(whole_seconds(wait)));
+    response
+}
+
+/// `wait` in whole seconds, rounded up, at least 1.
+pub(crate) fn whole_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+/// The answer for a [`JemallocError`]: 501 when jemalloc is not compiled in, 503 when it is
+/// not the global allocator, 500 when a mallctl call failed; the reason as plain text.
+pub(crate) fn jemalloc_error(error: &JemallocError) -> Answer {
+    let status = match error {
+        JemallocError::Unsupported => StatusCode::NOT_IMPLEMENTED,
+        JemallocError::NotGlobalAllocator => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    text(status, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(whole_seconds(Duration::from_millis(2001)), 3);
+        let answer = retry_after(StatusCode::TOO_MANY_REQUESTS, Duration::from_secs(2), "x");
+        assert_eq!(answer.headers()[RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn text_is_one_line() {
+        let answer = text(StatusCode::BAD_REQUEST, "a\nb\r\nc");
+        assert_eq!(answer.headers()[CONTENT_TYPE], TEXT_PLAIN);
+        let body = answer.into_body();
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(7));
+    }
+}

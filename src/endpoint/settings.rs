@@ -1,0 +1,39 @@
+//! The endpoints' own settings, set through the builder, and their defaults.
+
+use std::time::Duration;
+
+/// The default minimum interval between two purges through the HTTP endpoint.
+pub const DEFAULT_PURGE_COOLDOWN: Duration = Duration::from_secs(1);
+
+/// The default number of scrapes that may be in flight at once.
+pub const DEFAULT_MAX_CONCURRENT_SCRAPES: usize = 16;
+
+/// The default cap on the size of a stats dump.
+pub const DEFAULT_STATS_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// The endpoints' own settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Minimum time from the end of one purge to the start of the next; zero disables.
+    pub(crate) purge_cooldown: Duration,
+    /// Scrapes in flight at once; beyond it, 503.
+    pub(crate) max_concurrent_scrapes: usize,
+    /// A render that finished less than this long ago answers new scrapes too.
+    pub(crate) scrape_reuse_window: Duration,
+    /// Whether `/metrics` gzips for clients that accept it.
+    pub(crate) gzip: bool,
+    /// The largest stats dump answered.
+    pub(crate) stats_max_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            purge_cooldown: DEFAULT_PURGE_COOLDOWN,
+            max_concurrent_scrapes: DEFAULT_MAX_CONCURRENT_SCRAPES,
+            scrape_reuse_window: Duration::ZERO,
+            gzip: true,
+            stats_max_bytes: DEFAULT_STATS_MAX_BYTES,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! `GET|HEAD /debug/jemalloc/stats`: jemalloc's own statistics dump (`malloc_stats_print`),
+//! with a [`StatsSummary`] that says what the figures mean and what to do about them.
+//!
+//! - JSON by default (`application/json`):
+//!   `{"summary": {…}, "detail": "full"|"compact", "stats": <malloc_stats_print JSON>}`.
+//! - Plain text with `?format=text`: `malloc_stats_print`'s text output as it is.
+//! - The dump is capped (default 4 MiB). A JSON dump over the cap is retried without per-arena,
+//!   bin, large-class and mutex details (`"detail": "compact"`); still over the cap, the answer
+//!   is a 500 naming the cap. A text dump is cut at the cap with a last line saying so.
+//!
+//! The dump walks every arena under jemalloc's locks, so it runs off the async workers.
+//! Order of checks after admission: format (400), jemalloc availability (501/503).
+
+use super::handler::{Context, Handler};
+use super::job::{Job, Runner};
+use super::query;
+use super::response::{self, Answer};
+use crate::jemalloc::ctl::{Ctl, PrintOptions};
+use crate::jemalloc::dump::dump;
+use crate::jemalloc::{JemallocError, StatsSummary};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// The stats endpoint of one layer.
+pub(crate) struct Stats {
+    max_bytes: usize,
+}
+
+/// What a stats request asks for.
+pub(crate) struct Request {
+    head: bool,
+    format: Format,
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Json,
+    Text,
+}
+
+/// A finished dump.
+pub(crate) enum Dumped {
+    Json(Bytes),
+    Text(Bytes),
+    /// Over the cap even without per-arena details.
+    OverCap(usize),
+    Failed(JemallocError),
+}
+
+/// The JSON body.
+#[derive(Serialize)]
+struct Body<'a> {
+    summary: StatsSummary,
+    detail: &'static str,
+    stats: &'a RawValue,
+}
+
+impl Handler for Stats {
+    const METHODS: &'static [Method] = &[Method::GET, Method::HEAD];
+    const ALLOW: &'static str = "GET, HEAD";
+    type Params = Request;
+    type Output = Dumped;
+
+    fn new(context: &Context<'_>) -> Self {
+        Self {
+            max_bytes: context.settings.stats_max_bytes,
+        }
+    }
+
+    fn params(&self, parts: &Parts) -> Result<Request, Answer> {
+        let format = match query::param(parts.uri.query(), "format") {
+            None | Some("json") => Format::Json,
+            Some("text") => Format::Text,
+            Some(other) => {
+                return Err(response::text(
+                    StatusCode::BAD_REQUEST,
+                    format_args!(
+                        "unknown format {other:?}: use format=json (the default) or format=text"
+                    ),
+                ))
+            }
+        };
+        Ok(Request {
+            head: parts.method == Method::HEAD,
+            format,
+        })
+    }
+
+    fn start(&self, request: &Request) -> Result<Job<Dumped>, Answer> {
+        let ctl = crate::jemalloc::ctl::ctl().map_err(|e| response::jemalloc_error(&e))?;
+        let (format, max_bytes) = (request.format, self.max_bytes);
+        Job::spawn(Runner::BlockingPool, move || {
+            let dumped = match format {
+                Format::Json => json_dump(ctl, max_bytes),
+                Format::Text => text_dump(ctl, max_bytes),
+            };
+            dumped.unwrap_or_else(Dumped::Failed)
+        })
+    }
+
+    fn answer(dumped: &Dumped, request: &Request) -> Answer {
+        let mut answer = match dumped {
+            Dumped::Json(body) => response::with_body(
+                StatusCode::OK,
+                http::HeaderValue::from_static("application/json"),
+                body.clone(),
+            ),
+            Dumped::Text(body) => response::plain(body.clone()),
+            Dumped::OverCap(max_bytes) => response::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format_args!(
+                    "the jemalloc stats dump exceeds the cap of {max_bytes} bytes even without \
+                     per-arena details; raise it with stats_max_bytes"
+                ),
+            ),
+            Dumped::Failed(e) => response::jemalloc_error(e),
+        };
+        if request.head {
+            *answer.body_mut() = Full::default();
+        }
+        answer
+    }
+}
+
+fn json_dump(ctl: &Ctl, max_bytes: usize) -> Result<Dumped, JemallocError> {
+    let summary = StatsSummary::read(ctl)?;
+    let mut options = PrintOptions {
+        json: true,
+        compact: false,
+    };
+    let mut stats = dump(ctl, options, max_bytes)?;
+    if stats.truncated {
+        options.compact = true;
+        stats = dump(ctl, options, max_bytes)?;
+    }
+    if stats.truncated {
+        return Ok(Dumped::OverCap(max_bytes));
+    }
+    let text = String::from_utf8_lossy(&stats.text);
+    let raw: &RawValue =
+        serde_json::from_str(text.trim_end()).map_err(|e| JemallocError::Mallctl {
+            key: "malloc_stats_print",
+            reason: format!("its JSON does not parse: {e}"),
+        })?;
+    let body = Body {
+        summary,
+        detail: if options.compact { "compact" } else { "full" },
+        stats: raw,
+    };
+    serde_json::to_vec(&body)
+        .map(|json| Dumped::Json(Bytes::from(json)))
+        .map_err(|e| JemallocError::Mallctl {
+            key: "malloc_stats_print",
+            reason: format!("cannot render the answer: {e}"),
+        })
+}
+
+fn text_dump(ctl: &Ctl, max_bytes: usize) -> Result<Dumped, JemallocError> {
+    let options = PrintOptions {
+        json: false,
+        compact: false,
+    };
+    let dumped = dump(ctl, options, max_bytes)?;
+    let mut text = dumped.text;
+    if dumped.truncated {
+        text.extend_from_slice(
+            format!(
+                "\n[truncated at {max_bytes} bytes: raise stats_max_bytes, or use format=json]\n"
+            )
+            .as_bytes(),
+        );
+    }
+    Ok(Dumped::Text(Bytes::from(text)))
+}

@@ -1,0 +1,23 @@
+//! Everything that talks to jemalloc, and nothing that knows of HTTP.
+//!
+//! - [`figures`]: the one table of the allocator figures, and [`JemallocStats`] built from it.
+//! - [`ctl`]: every mallctl call, through MIBs resolved once per process.
+//! - [`instruments`]: the figures as OpenTelemetry observable gauges.
+//! - [`dump`]: `malloc_stats_print` into memory, capped.
+//! - [`purge`]: returning unused pages to the OS, one purge at a time.
+//! - [`summary`]: jemalloc's configuration and a plain-language reading of the figures.
+
+pub(crate) mod ctl;
+pub(crate) mod dump;
+mod error;
+#[cfg(all(jemalloc, feature = "__fault-injection"))]
+pub(crate) mod fault;
+pub(crate) mod figures;
+pub(crate) mod instruments;
+pub(crate) mod purge;
+pub(crate) mod summary;
+
+pub use error::JemallocError;
+pub use figures::JemallocStats;
+pub use purge::{purge_all_arenas, PurgeError, PurgeMode, PurgeReport, UnknownPurgeMode};
+pub use summary::{BackgroundThread, MallocConf, Ratios, StatsSummary};

@@ -1,0 +1,239 @@
+//! [`StatsSummary`]: jemalloc's configuration, the current figures, two ratios and what they
+//! suggest in plain language, in the spirit of Redis's `MEMORY DOCTOR`.
+
+use super::ctl::{Ctl, Settings};
+use super::{JemallocError, JemallocStats};
+use serde::{Deserialize, Serialize};
+
+/// The `summary` of `GET /debug/jemalloc/stats`: what the figures mean and what to do about
+/// them. Serialized (serde) as:
+///
+/// ```json
+/// {"version":"5.3.1-…","background_thread":{"enabled_at_start":false,"running":false},
+///  "dirty_decay_ms":10000,"muzzy_decay_ms":0,"arenas":9,
+///  "malloc_conf":{"compiled":"","environment":null},
+///  "stats":{"allocated":…,…},
+///  "ratios":{"active_to_allocated":1.2083,"resident_to_active":3.1037},
+///  "hints":["…"]}
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct StatsSummary {
+    /// jemalloc's `version`.
+    pub version: String,
+    /// Whether background threads were asked for and whether they run.
+    pub background_thread: BackgroundThread,
+    /// `opt.dirty_decay_ms` (-1: never decay).
+    pub dirty_decay_ms: i64,
+    /// `opt.muzzy_decay_ms` (-1: never decay).
+    pub muzzy_decay_ms: i64,
+    /// `arenas.narenas`.
+    pub arenas: u32,
+    /// Where jemalloc's options came from.
+    pub malloc_conf: MallocConf,
+    /// The figures, from one epoch advance.
+    pub stats: JemallocStats,
+    /// Two ratios of the figures.
+    pub ratios: Ratios,
+    /// What the figures suggest, in plain language; empty when nothing stands out.
+    pub hints: Vec<String>,
+}
+
+/// jemalloc's background threads, in a [`StatsSummary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BackgroundThread {
+    /// `opt.background_thread`: asked for at start-up.
+    pub enabled_at_start: bool,
+    /// `background_thread`: running now.
+    pub running: bool,
+}
+
+/// Where jemalloc's options came from, in a [`StatsSummary`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MallocConf {
+    /// `config.malloc_conf`: the options built into the binary.
+    pub compiled: String,
+    /// `_RJEM_MALLOC_CONF` (or else `MALLOC_CONF`) from the environment, if set.
+    pub environment: Option<String>,
+}
+
+/// Ratios of the figures, in a [`StatsSummary`]; `None` (JSON `null`) when the denominator is
+/// zero. Rounded to four decimals.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Ratios {
+    /// `active / allocated`: above 1, fragmentation inside pages.
+    pub active_to_allocated: Option<f64>,
+    /// `resident / active`: above 1, pages held but not in use (dirty pages, metadata).
+    pub resident_to_active: Option<f64>,
+}
+
+impl StatsSummary {
+    /// Reads jemalloc's settings and one snapshot, and says what they mean.
+    pub(crate) fn read(ctl: &Ctl) -> Result<Self, JemallocError> {
+        let settings = ctl.settings()?;
+        let stats = ctl.snapshot()?;
+        let environment = std::env::var("_RJEM_MALLOC_CONF")
+            .or_else(|_| std::env::var("MALLOC_CONF"))
+            .ok();
+        Ok(Self::new(&settings, stats, environment))
+    }
+
+    fn new(settings: &Settings, stats: JemallocStats, environment: Option<String>) -> Self {
+        Self {
+            version: settings.version.to_owned(),
+            background_thread: BackgroundThread {
+                enabled_at_start: settings.opt_background_thread,
+                running: settings.background_threads_running,
+            },
+            dirty_decay_ms: settings.dirty_decay_ms,
+            muzzy_decay_ms: settings.muzzy_decay_ms,
+            arenas: settings.narenas,
+            malloc_conf: MallocConf {
+                compiled: settings.malloc_conf_compiled.to_owned(),
+                environment,
+            },
+            ratios: Ratios {
+                active_to_allocated: ratio(stats.active, stats.allocated),
+                resident_to_active: ratio(stats.resident, stats.active),
+            },
+            hints: hints(settings, &stats),
+            stats,
+        }
+    }
+}
+
+fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
+    (denominator != 0)
+        .then(|| (numerator as f64 / denominator as f64 * 10_000.0).round() / 10_000.0)
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// What the figures suggest, in plain language.
+fn hints(settings: &Settings, stats: &JemallocStats) -> Vec<String> {
+    let mut hints = Vec::new();
+    let mib = |bytes: u64| bytes as f64 / MIB;
+    if !settings.background_threads_running {
+        hints.push(
+            "Background threads are off: freed memory goes back to the OS only when allocation \
+             activity drives decay, so an idle process keeps its dirty pages. Enable them with \
+             background_thread:true in _RJEM_MALLOC_CONF / MALLOC_CONF."
+                .to_owned(),
+        );
+    }
+    if settings.dirty_decay_ms < 0 {
+        hints.push(
+            "dirty_decay_ms is -1: dirty pages are never returned on their own, only by a purge."
+                .to_owned(),
+        );
+    }
+    if stats.retained > 0 {
+        hints.push(format!(
+            "retained ({:.1} MiB) is virtual address space jemalloc keeps for reuse; it is not \
+             in RSS and costs no physical memory.",
+            mib(stats.retained)
+        ));
+    }
+    if stats.resident > 0 && stats.dirty > stats.resident / 4 && stats.dirty > 64 << 20 {
+        hints.push(format!(
+            "{:.1} MiB of dirty pages ({:.0}% of resident) are freed memory jemalloc still \
+             holds: a purge returns them now; a lower dirty_decay_ms returns them sooner.",
+            mib(stats.dirty),
+            100.0 * stats.dirty as f64 / stats.resident as f64
+        ));
+    }
+    if stats.muzzy > 0 {
+        hints.push(format!(
+            "{:.1} MiB of muzzy pages were released lazily (MADV_FREE): they may still count \
+             in RSS until the kernel needs the memory.",
+            mib(stats.muzzy)
+        ));
+    }
+    if stats.allocated > 64 << 20 && stats.active as f64 > 1.5 * stats.allocated as f64 {
+        hints.push(format!(
+            "active is {:.2}x allocated: memory is fragmented inside pages (many partly used \
+             slabs). A purge does not help; look at allocation patterns or size classes.",
+            stats.active as f64 / stats.allocated as f64
+        ));
+    }
+    hints
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(background: bool, dirty_decay_ms: i64) -> Settings {
+        Settings {
+            version: "5.3.0",
+            opt_background_thread: background,
+            background_threads_running: background,
+            dirty_decay_ms,
+            muzzy_decay_ms: 0,
+            narenas: 4,
+            malloc_conf_compiled: "",
+        }
+    }
+
+    #[test]
+    fn hints_follow_the_figures() {
+        const MIB: u64 = 1 << 20;
+        let calm = JemallocStats {
+            allocated: 100 * MIB,
+            active: 110 * MIB,
+            resident: 130 * MIB,
+            ..JemallocStats::default()
+        };
+        assert!(hints(&settings(true, 10_000), &calm).is_empty());
+
+        let hints = hints(
+            &settings(false, -1),
+            &JemallocStats {
+                allocated: 100 * MIB,
+                active: 200 * MIB,
+                resident: 800 * MIB,
+                retained: 50 * MIB,
+                dirty: 500 * MIB,
+                muzzy: 10 * MIB,
+                ..JemallocStats::default()
+            },
+        );
+        let all = hints.join("\n");
+        assert_eq!(hints.len(), 6, "{all}");
+        for expected in [
+            "Background threads are off",
+            "dirty_decay_ms is -1",
+            "retained (50.0 MiB) is virtual address space",
+            "500.0 MiB of dirty pages (62% of resident)",
+            "10.0 MiB of muzzy pages",
+            "active is 2.00x allocated",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn summary_json_keeps_its_shape_with_null_ratios_when_empty() {
+        let summary = StatsSummary::new(
+            &settings(true, 10_000),
+            JemallocStats::default(),
+            Some("a\"b".into()),
+        );
+        let out = serde_json::to_string(&summary).unwrap();
+        assert!(
+            out.contains(r#""ratios":{"active_to_allocated":null,"resident_to_active":null}"#),
+            "{out}"
+        );
+        assert!(out.starts_with(r#"{"version":"5.3.0","background_thread":{"enabled_at_start":true,"running":true},"dirty_decay_ms":10000,"muzzy_decay_ms":0,"arenas":4,"malloc_conf":{"compiled":"","environment":"a\"b"},"stats":{"allocated":0,"#), "{out}");
+        assert_eq!(serde_json::from_str::<StatsSummary>(&out).unwrap(), summary);
+    }
+
+    #[test]
+    fn ratios_round_to_four_decimals() {
+        assert_eq!(ratio(2, 3), Some(0.6667));
+        assert_eq!(ratio(1, 0), None);
+    }
+}
