@@ -12,11 +12,16 @@
 //!   and answers with a JSON [`PurgeReport`] (statistics before and after). The purge runs on
 //!   a dedicated thread, never on an async worker, and only one runs at a time (409 otherwise).
 //!   `?mode=decay` asks for the gentler `arena.<all>.decay`.
-//! - `GET /debug/jemalloc/stats`: jemalloc's `malloc_stats_print` dump (JSON with a summary
-//!   and plain-language hints, or `?format=text`).
+//! - `GET /debug/jemalloc/stats`: jemalloc's `malloc_stats_print` dump (JSON with a
+//!   [`StatsSummary`] and plain-language hints, or `?format=text`).
 //!
-//! The builder guards each endpoint (bearer token, predicate, purge cooldown, scrape limit);
-//! see the README's Security section. Every other request goes to the inner service untouched.
+//! The builder configures every [`Endpoint`] the same way (path, switched off, bearer token,
+//! predicate) and sets the purge cooldown and the scrape limit; see the README's Security
+//! section. Every other request goes to the inner service untouched. JSON answers are serde
+//! types ([`PurgeReport`], [`JemallocStats`], [`StatsSummary`]) that a Rust client can read
+//! back, and the crates whose types appear in the API are re-exported ([`opentelemetry`],
+//! [`opentelemetry_sdk`], [`opentelemetry_prometheus`], [`prometheus`]), so that a user needs
+//! no matching versions of their own.
 //!
 //! # Quick start
 //!

@@ -163,3 +163,57 @@ async fn layer_clones_share_one_registry() {
         .expect("the application's counter is served too");
     assert_eq!(requests.value, 7.0);
 }
+
+/// A service outlives the layer that made it (`ServiceBuilder` and `Layer::layer` drop the
+/// layer): its `/metrics` must still serve the provider's instruments, and the application's
+/// own ones recorded through the re-exported `opentelemetry`.
+#[tokio::test]
+async fn metrics_keep_working_after_the_layer_is_dropped() {
+    use tower_jemalloc::opentelemetry::metrics::MeterProvider;
+    let layer = JemallocLayer::builder().namespace("app").build().unwrap();
+    let meter = layer.meter_provider().unwrap().meter("app");
+    let (echo, _) = recording_echo();
+    let mut service = layer.layer(echo);
+    drop(layer);
+    meter.u64_counter("orders").build().add(2, &[]);
+
+    let answer = send(&mut service, request("GET", "/metrics")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let exposition = parse_exposition(answer.text());
+    assert_eq!(
+        exposition.value("app_orders_total"),
+        Some(2.0),
+        "{}",
+        answer.text()
+    );
+    for field in tower_jemalloc::JemallocStats::FIELDS {
+        let name = format!("app_jemalloc_{field}_bytes");
+        assert!(exposition.value(&name).is_some(), "no {name}");
+    }
+}
+
+/// Paths are told apart by length first: same-length and very long paths still match exactly.
+#[tokio::test]
+async fn long_and_same_length_paths_match_exactly() {
+    let long = format!("/{}", "x".repeat(80));
+    let (echo, seen) = recording_echo();
+    let mut service = JemallocLayer::builder()
+        .metrics_path(long.clone())
+        .build()
+        .unwrap()
+        .layer(echo);
+    let other_long = format!("/{}", "y".repeat(90));
+    for forwarded in [
+        "/metricz",
+        "/metrics",
+        &format!("/{}", "x".repeat(79)),
+        &other_long,
+    ] {
+        let answer = send(&mut service, request("GET", forwarded)).await;
+        assert_eq!(answer.status, ECHO_STATUS, "{forwarded}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 4);
+    let answer = send(&mut service, request("GET", &long)).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(answer.text().contains("jemalloc_allocated_bytes"));
+}

@@ -165,24 +165,43 @@ impl fmt::Debug for Route {
 
 /// Every route of one layer, matched by exact path.
 #[derive(Debug)]
-pub(crate) struct Routes(Box<[Route]>);
+pub(crate) struct Routes {
+    routes: Box<[Route]>,
+    /// Bit `n` is set when some route's path is `n` bytes long (bit 63: 63 or more). Most
+    /// forwarded requests have a path of another length and are told apart with one test.
+    lengths: u64,
+}
 
 impl Routes {
     pub(crate) fn new(routes: Vec<Route>) -> Self {
-        Self(routes.into_boxed_slice())
+        let lengths = routes
+            .iter()
+            .fold(0, |lengths, route| lengths | length_bit(&route.path));
+        Self {
+            routes: routes.into_boxed_slice(),
+            lengths,
+        }
     }
 
     /// The route answering `path`, if any: paths match exactly.
     #[inline]
     pub(crate) fn find(&self, path: &str) -> Option<&Route> {
-        self.0.iter().find(|route| *route.path == *path)
+        if self.lengths & length_bit(path) == 0 {
+            return None;
+        }
+        self.routes.iter().find(|route| *route.path == *path)
     }
 
     /// The path `endpoint` answers, if it is on.
     pub(crate) fn path(&self, endpoint: Endpoint) -> Option<&str> {
-        self.0
+        self.routes
             .iter()
             .find(|route| route.endpoint == endpoint)
             .map(|route| &*route.path)
     }
+}
+
+#[inline]
+fn length_bit(path: &str) -> u64 {
+    1 << path.len().min(63)
 }

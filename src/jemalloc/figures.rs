@@ -20,6 +20,7 @@ pub(crate) enum Unit {
 
 /// One allocator figure: the row of the table.
 #[derive(Debug)]
+#[cfg_attr(not(jemalloc), allow(dead_code))]
 pub(crate) struct Figure {
     /// The field of [`JemallocStats`], its JSON key and the gauge's name after `jemalloc.`.
     pub(crate) name: &'static str,
@@ -31,6 +32,7 @@ pub(crate) struct Figure {
     pub(crate) help: &'static str,
 }
 
+#[cfg_attr(not(jemalloc), allow(dead_code))]
 impl Figure {
     /// The key without its NUL, for error messages.
     pub(crate) fn key_str(&self) -> &'static str {
@@ -76,6 +78,7 @@ macro_rules! figures {
             }
 
             /// Builds a snapshot by reading each figure of the table in order.
+            #[cfg_attr(not(jemalloc), allow(dead_code))]
             pub(crate) fn try_from_table<E>(
                 mut read: impl FnMut(usize, &'static Figure) -> Result<u64, E>,
             ) -> Result<Self, E> {

@@ -207,17 +207,8 @@ fn parse_sample(line: &str) -> Sample {
     }
 }
 
-/// The eight jemalloc gauge suffixes, in the crate's order.
-pub const GAUGES: [&str; 8] = [
-    "allocated",
-    "active",
-    "metadata",
-    "mapped",
-    "retained",
-    "resident",
-    "dirty",
-    "muzzy",
-];
+/// The jemalloc gauge suffixes, in the crate's order: the figures table's names.
+pub const GAUGES: &[&str] = tower_jemalloc::JemallocStats::FIELDS;
 
 /// Allocates `mib` MiB in 1 KiB blocks, touches every block, and frees them all: afterwards
 /// jemalloc holds about that much in dirty pages.
