@@ -75,7 +75,7 @@ pub fn parse(program: &str, port: u16, flags: &[Flag]) -> Args {
         usage.push_str(&format!(" [{name} {value}]"));
     }
     usage.push_str(&format!(
-        "\n  --addr HOST:PORT     address to listen on (default 127.0.0.1:{port})\
+        "\n  --addr HOST:PORT     address to listen on, an IP or a host name (default 127.0.0.1:{port})\
          \n  --namespace NAME     prefix of every exported metric name (default: none)\
          \n  --purge-token TOKEN  require `Authorization: Bearer TOKEN` on the purge endpoint\
          \n                       (default: the PURGE_TOKEN environment variable; unset: open)"
@@ -93,6 +93,21 @@ pub fn parse(program: &str, port: u16, flags: &[Flag]) -> Args {
     })
 }
 
+/// `HOST:PORT` with an IP address or a host name (`localhost:9070`), as the first address it
+/// resolves to.
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    let mut resolved = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT, e.g. 127.0.0.1:9070)"))?;
+    resolved
+        .next()
+        .ok_or_else(|| format!("--addr {addr:?}: the host name resolves to no address"))
+}
+
 /// `Err("")` means `--help`.
 fn parse_from(
     mut it: impl Iterator<Item = String>,
@@ -108,12 +123,7 @@ fn parse_from(
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match flag.as_str() {
-            "--addr" => {
-                let addr = value("--addr")?;
-                args.addr = addr
-                    .parse()
-                    .map_err(|e| format!("--addr {addr:?}: {e} (expected HOST:PORT)"))?;
-            }
+            "--addr" => args.addr = resolve(&value("--addr")?)?,
             "--namespace" => args.namespace = Some(value("--namespace")?),
             "--purge-token" => args.purge_token = Some(value("--purge-token")?),
             "-h" | "--help" => return Err(String::new()),
