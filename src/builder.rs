@@ -54,11 +54,13 @@ struct EndpointConfig {
     path: Option<String>,
     token: Option<String>,
     predicate: Option<Predicate>,
+    /// Explicitly open to anyone.
+    anonymous: bool,
 }
 
 impl EndpointConfig {
     fn has_rules(&self) -> bool {
-        self.token.is_some() || self.predicate.is_some()
+        self.token.is_some() || self.predicate.is_some() || self.anonymous
     }
 }
 
@@ -69,6 +71,7 @@ impl fmt::Debug for EndpointConfig {
             .field("path", &self.path)
             .field("bearer_token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("predicate", &self.predicate.as_ref().map(|_| "<fn>"))
+            .field("anonymous", &self.anonymous)
             .finish()
     }
 }
@@ -92,6 +95,7 @@ impl Default for JemallocLayerBuilder {
                     path: Some(endpoint.default_path().to_owned()),
                     token: None,
                     predicate: None,
+                    anonymous: false,
                 };
                 (endpoint, config)
             })
@@ -219,6 +223,18 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// Lets anyone use `endpoint`, without a token or predicate.
+    ///
+    /// Only `/metrics` is open by default (Prometheus expects it); every debug endpoint (purge,
+    /// stats) answers 403 until it has an access rule: a [`bearer_token`](Self::bearer_token),
+    /// a predicate ([`authorize`](Self::authorize)), or this explicit opt-in. Use it where
+    /// the listener is reachable only by operators (a loopback address, an admin port); the
+    /// example server calls it only when it listens on a loopback address.
+    pub fn allow_anonymous(mut self, endpoint: Endpoint) -> Self {
+        self.endpoint(endpoint).anonymous = true;
+        self
+    }
+
     /// Serves the Prometheus text exposition on `path` instead of `/metrics`:
     /// [`path`](Self::path)`(Endpoint::Metrics, path)`.
     pub fn metrics_path(self, path: impl Into<String>) -> Self {
@@ -280,8 +296,9 @@ impl JemallocLayerBuilder {
 
     /// [`bearer_token`](Self::bearer_token)`(Endpoint::Stats, token)`.
     ///
-    /// Unless a stats token or predicate is set, the stats endpoint is guarded exactly like the
-    /// purge endpoint (both are debug endpoints that operators, not the public, use).
+    /// Unless a stats token, predicate or anonymous opt-in is set, the stats endpoint is
+    /// guarded exactly like the purge endpoint (both are debug endpoints that operators, not
+    /// the public, use), closed included.
     pub fn stats_bearer_token(self, token: impl Into<String>) -> Self {
         self.bearer_token(Endpoint::Stats, token)
     }
@@ -303,9 +320,10 @@ impl JemallocLayerBuilder {
         self
     }
 
-    /// How many scrapes may be in flight at once (default 16); beyond that a scrape gets a 503
-    /// with `Retry-After: 1`. Concurrent scrapes share one render, so this bounds waiting
-    /// requests, not rendering work.
+    /// How many scrapes may be in flight at once (default 1024); beyond that a scrape gets a
+    /// 503 with `Retry-After: 1`. Concurrent scrapes share one render, so waiting costs almost
+    /// nothing: this only bounds the memory waiting scrapes hold, and the default is far above
+    /// what any monitoring setup sends.
     pub fn max_concurrent_scrapes(mut self, limit: usize) -> Self {
         self.settings.max_concurrent_scrapes = limit;
         self
@@ -325,6 +343,15 @@ impl JemallocLayerBuilder {
     /// (default `true`; Prometheus always asks for gzip).
     pub fn gzip(mut self, enabled: bool) -> Self {
         self.settings.gzip = enabled;
+        self
+    }
+
+    /// How long a finished stats dump answers new requests (default 1 s): requests in flight
+    /// together always share one dump (per format), and under a flood the endpoint runs at
+    /// most one dump per format per window. `Duration::ZERO`: every request that arrives
+    /// after a dump finished starts a new one.
+    pub fn stats_reuse_window(mut self, window: Duration) -> Self {
+        self.settings.stats_reuse_window = window;
         self
     }
 
@@ -364,7 +391,16 @@ impl JemallocLayerBuilder {
                 Some(from) if !config.has_rules() => self.config(from),
                 _ => config,
             };
-            paths.push((*endpoint, path, access(*endpoint, rules)?));
+            let access = if rules.has_rules() || endpoint.open_by_default() {
+                access(*endpoint, rules)?
+            } else {
+                Access::closed(format!(
+                    "{path} is closed until it has an access rule: set one with the layer \
+                     builder's bearer_token(Endpoint::{endpoint:?}, ..), \
+                     authorize(Endpoint::{endpoint:?}, ..) or allow_anonymous(Endpoint::{endpoint:?})"
+                ))
+            };
+            paths.push((*endpoint, path, access));
         }
         if let Some(namespace) = &self.namespace {
             validate_namespace(namespace)?;

@@ -186,7 +186,7 @@ pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{
     Endpoint, DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_METRICS_PATH, DEFAULT_PURGE_COOLDOWN,
-    DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH,
+    DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH, DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use jemalloc::instruments::register_instruments;

@@ -1,6 +1,6 @@
 //! [`JemallocService`]: the service [`JemallocLayer`](crate::JemallocLayer) produces.
 
-use crate::endpoint::{Endpoint, Routes};
+use crate::endpoint::{discard, Endpoint, Reply, Routes, MAX_DISCARDED_BODY};
 use crate::future::ResponseFuture;
 use http::{Request, Response};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -15,7 +15,11 @@ use tower::Service;
 /// Paths match exactly (`/metrics/` and `/Metrics` are forwarded); the query string is ignored
 /// for matching. A forwarded request reaches the inner service unchanged (method, URI, headers,
 /// extensions, body) and its response comes back unchanged, inside
-/// [`ResponseBody`](crate::ResponseBody). The body of an intercepted request is never read.
+/// [`ResponseBody`](crate::ResponseBody).
+///
+/// No endpoint takes a request body. One sent anyway is read and dropped before the answer
+/// (so that the connection is not reset under the answer), up to 1 MiB; a longer one gets a
+/// 413 with `Connection: close`.
 ///
 /// Named `JemallocService` rather than tower-http's usual `Jemalloc<S>` so that it does not
 /// clash with the allocator type `tikv_jemallocator::Jemalloc` that the same files import.
@@ -73,6 +77,9 @@ impl<S: fmt::Debug> fmt::Debug for JemallocService<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for JemallocService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: http_body::Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response<crate::ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -85,11 +92,24 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let Some(route) = self.shared.routes.find(req.uri().path()) else {
+        let Some(index) = self.shared.routes.find(req.uri().path()) else {
             return ResponseFuture::inner(self.inner.call(req));
         };
-        // The body of an intercepted request is dropped unread.
-        let (parts, _body) = req.into_parts();
-        ResponseFuture::reply(route.respond(&parts))
+        let (parts, body) = req.into_parts();
+        if body.is_end_stream() {
+            return ResponseFuture::reply(self.shared.routes.route(index).respond(&parts));
+        }
+        let shared = Arc::clone(&self.shared);
+        ResponseFuture::reply(Reply::Later(Box::pin(async move {
+            if let Err(refusal) = discard(body, MAX_DISCARDED_BODY).await {
+                return refusal;
+            }
+            shared
+                .routes
+                .route(index)
+                .respond(&parts)
+                .into_answer()
+                .await
+        })))
     }
 }

@@ -163,6 +163,16 @@ fn generated_requests_get_their_documented_answers() {
         let after = seen.lock().unwrap().len();
         let mut tally = tally.lock().unwrap();
 
+        let authorizations = header_map.get_all("authorization").iter().count();
+        // Every parameter name, for the strict endpoints.
+        let names: Vec<&str> = uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| pair.split_once('=').map_or(pair, |(key, _)| key))
+            .collect();
+        let only = |allowed: &str| names.iter().all(|name| *name == allowed);
         let authorized = header_map.get("authorization").is_some_and(|v| {
             let v = v.as_bytes();
             v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") && v[7..].trim_ascii() == TOKEN.as_bytes()
@@ -185,8 +195,12 @@ fn generated_requests_get_their_documented_answers() {
             "/debug/jemalloc/purge" | "/debug/jemalloc/stats" if get || method == Method::POST || method == Method::PUT => {
                 if uri.path() == "/debug/jemalloc/stats" && !get {
                     Some(&[StatusCode::METHOD_NOT_ALLOWED])
+                } else if authorizations > 1 {
+                    Some(&[StatusCode::BAD_REQUEST])
                 } else if !authorized {
                     Some(&[StatusCode::UNAUTHORIZED])
+                } else if !only(if uri.path() == "/debug/jemalloc/stats" { "format" } else { "mode" }) {
+                    Some(&[StatusCode::BAD_REQUEST])
                 } else if uri.path() == "/debug/jemalloc/stats" {
                     match param("format") {
                         None | Some("json") | Some("text") => Some(&[StatusCode::OK]),

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tower::Layer;
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -34,6 +34,7 @@ fn with_auth(uri: &str, method: &str, authorization: Option<&str>) -> Request<Fu
 async fn purge_token_is_required_and_metrics_stay_open() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .purge_bearer_token("correct-horse")
         .purge_cooldown(Duration::ZERO)
         .build()
@@ -76,6 +77,7 @@ async fn purge_token_is_required_and_metrics_stay_open() {
 async fn metrics_token_and_predicates() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .metrics_bearer_token("scraper")
         .purge_authorize(|request| {
             request
@@ -135,11 +137,13 @@ async fn cooldown_answers_429_with_retry_after_rounded_up() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (echo, _) = recording_echo();
     let mut long = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .purge_cooldown(Duration::from_millis(1500))
         .build()
         .unwrap()
         .layer(echo.clone());
     let mut short = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .purge_cooldown(Duration::from_millis(300))
         .build()
         .unwrap()
@@ -175,7 +179,11 @@ async fn purge_storm_runs_exactly_one_purge() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const STORM: usize = 32;
     let (echo, _) = recording_echo();
-    let service = JemallocLayer::new().layer(echo);
+    let service = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
+        .build()
+        .unwrap()
+        .layer(echo);
     // Dirty pages make the purge take long enough for the storm to overlap it.
     churn(64);
     // Start after any earlier purge's cooldown.

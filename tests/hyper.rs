@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tower::Layer;
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -47,6 +47,7 @@ struct Running {
 /// Starts the example's accept loop on 127.0.0.1, an ephemeral port.
 async fn start() -> Running {
     let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .purge_cooldown(Duration::ZERO)
         .build()
         .unwrap();

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use std::sync::Mutex;
 use std::time::Duration;
 use tower::Layer;
-use tower_jemalloc::{JemallocLayer, JemallocService};
+use tower_jemalloc::{Endpoint, JemallocLayer, JemallocService};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -26,7 +26,9 @@ fn service(builder: tower_jemalloc::JemallocLayerBuilder) -> (JemallocService<Ec
 }
 
 fn quiet() -> tower_jemalloc::JemallocLayerBuilder {
-    JemallocLayer::builder().purge_cooldown(Duration::ZERO)
+    JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
+        .purge_cooldown(Duration::ZERO)
 }
 
 #[tokio::test]

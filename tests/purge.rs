@@ -11,7 +11,7 @@ use http::StatusCode;
 use std::sync::Mutex;
 use tower::Layer;
 use tower::{Service, ServiceExt};
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -24,6 +24,7 @@ const MIB: u64 = 1024 * 1024;
 /// These tests purge back to back: no cooldown.
 fn layer() -> JemallocLayer {
     JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .purge_cooldown(std::time::Duration::ZERO)
         .build()
         .unwrap()
@@ -71,11 +72,23 @@ async fn purge_returns_freed_small_blocks_to_the_os() {
 }
 
 #[tokio::test]
-async fn put_purges_too_and_the_body_is_ignored() {
+async fn put_purges_too_and_a_body_is_read_and_dropped() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (echo, _) = recording_echo();
     let mut service = layer().layer(echo);
-    let request = http::Request::put("/debug/jemalloc/purge?verbose=1")
+    // A misspelt or unknown parameter runs nothing.
+    let answer = send(
+        &mut service,
+        request("PUT", "/debug/jemalloc/purge?verbose=1"),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        answer.text(),
+        "unknown parameter \"verbose\": /debug/jemalloc/purge accepts mode\n"
+    );
+    // A body up to 1 MiB is read and dropped, then the purge answers.
+    let request = http::Request::put("/debug/jemalloc/purge")
         .body(http_body_util::Full::new(bytes::Bytes::from(vec![
             7u8;
             1 << 20

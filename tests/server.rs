@@ -12,7 +12,7 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -22,6 +22,7 @@ async fn start() -> std::net::SocketAddr {
         .route("/", get(|| async { "home" }))
         .route("/echo", post(|body: Bytes| async move { body }));
     let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .namespace("restate")
         .build()
         .unwrap();
@@ -108,9 +109,12 @@ async fn axum_serve_with_a_real_client() {
 #[tokio::test]
 async fn router_layer_also_reaches_unmatched_paths() {
     use common::{request, send};
-    let router: Router = Router::new()
-        .route("/", get(|| async { "home" }))
-        .layer(JemallocLayer::new());
+    let router: Router = Router::new().route("/", get(|| async { "home" })).layer(
+        JemallocLayer::builder()
+            .allow_anonymous(Endpoint::Purge)
+            .build()
+            .unwrap(),
+    );
     let mut app = router;
     let answer = send(&mut app, request("GET", "/metrics")).await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -120,7 +124,7 @@ async fn router_layer_also_reaches_unmatched_paths() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_huge_purge_body_is_answered_without_being_read() {
+async fn a_huge_purge_body_gets_413_without_being_read() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let router: Router = Router::new().route("/", get(|| async { "home" }));
     let layer = JemallocLayer::builder()
@@ -146,7 +150,28 @@ async fn a_huge_purge_body_is_answered_without_being_read() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(
-        answer.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+        answer.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
         "{answer}"
     );
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+}
+
+/// A body sent to an intercepted path is read and dropped before the answer, so the client
+/// gets the whole answer (a 400 KB stats dump) and never a reset connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stats_get_with_a_1_mb_body_gets_the_whole_answer() {
+    let router: Router = Router::new().route("/", get(|| async { "home" }));
+    let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Stats)
+        .build()
+        .unwrap();
+    let addr = common::serve_axum(router, layer).await;
+    let body: &'static [u8] = Box::leak(vec![b'x'; 1_000_000].into_boxed_slice());
+    let client = common::client::http1();
+    for _ in 0..3 {
+        let url = format!("http://{addr}/debug/jemalloc/stats");
+        let (_, answer) = common::client::fetch(&client, "GET", &url, body).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        assert!(answer.json()["stats"]["jemalloc"].is_object());
+    }
 }

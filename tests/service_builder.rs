@@ -13,7 +13,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -62,7 +62,14 @@ fn gunzip(body: &[u8]) -> String {
 async fn inner_layers_only_see_forwarded_requests() {
     // The layer's own gzip is off: a gzip-encoded /metrics could then only come from the
     // CompressionLayer, which sits inside and must not see the request.
-    let (addr, _) = start(JemallocLayer::builder().gzip(false).build().unwrap()).await;
+    let (addr, _) = start(
+        JemallocLayer::builder()
+            .allow_anonymous(Endpoint::Purge)
+            .gzip(false)
+            .build()
+            .unwrap(),
+    )
+    .await;
     let client = http1();
 
     let answer = get_gzip(&client, &format!("http://{addr}/")).await;
@@ -102,6 +109,7 @@ async fn inner_layers_only_see_forwarded_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_layer_answers_with_its_own_gzip_and_purge_report() {
     let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .purge_cooldown(Duration::ZERO)
         .build()
         .unwrap();
@@ -130,6 +138,7 @@ async fn the_layer_answers_with_its_own_gzip_and_purge_report() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outer_trace_layer_sees_scrapes_and_purges() {
     let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .purge_cooldown(Duration::ZERO)
         .build()
         .unwrap();

@@ -20,7 +20,7 @@ use tonic::transport::Server;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -35,6 +35,7 @@ struct Running {
 /// Starts the health service behind the layer on 127.0.0.1, an ephemeral port.
 async fn start() -> Running {
     let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
         .namespace("grpc")
         .purge_cooldown(Duration::ZERO)
         .build()

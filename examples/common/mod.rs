@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use tower_jemalloc::{JemallocLayer, JemallocLayerBuilder};
+use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder};
 
 /// An example-specific flag that takes a value: name (`--interval`), value name, help.
 pub type Flag = (&'static str, &'static str, &'static str);
@@ -26,13 +26,29 @@ impl Args {
     }
 
     /// A layer builder with the namespace and purge token from the command line.
+    ///
+    /// The debug endpoints (purge, and stats, which follows purge's rules) are closed until
+    /// they have an access rule. With a token they require it; without one they are opened to
+    /// anyone only when the example listens on a loopback address, where only this machine
+    /// can reach them. On any other address without a token the example refuses to start.
     pub fn builder(&self) -> JemallocLayerBuilder {
         let mut builder = JemallocLayer::builder();
         if let Some(namespace) = &self.namespace {
             builder = builder.namespace(namespace);
         }
-        if let Some(token) = &self.purge_token {
-            builder = builder.purge_bearer_token(token);
+        match &self.purge_token {
+            Some(token) => builder = builder.purge_bearer_token(token),
+            None if self.addr.ip().is_loopback() => {
+                builder = builder.allow_anonymous(Endpoint::Purge);
+            }
+            None => fail(
+                2,
+                format_args!(
+                    "{} is not a loopback address: set --purge-token TOKEN (or PURGE_TOKEN) so \
+                     that the purge and stats endpoints are not open to anyone who reaches it",
+                    self.addr
+                ),
+            ),
         }
         builder
     }
@@ -77,8 +93,9 @@ pub fn parse(program: &str, port: u16, flags: &[Flag]) -> Args {
     usage.push_str(&format!(
         "\n  --addr HOST:PORT     address to listen on, an IP or a host name (default 127.0.0.1:{port})\
          \n  --namespace NAME     prefix of every exported metric name (default: none)\
-         \n  --purge-token TOKEN  require `Authorization: Bearer TOKEN` on the purge endpoint\
-         \n                       (default: the PURGE_TOKEN environment variable; unset: open)"
+         \n  --purge-token TOKEN  require `Authorization: Bearer TOKEN` on the purge and stats\
+         \n                       endpoints (default: the PURGE_TOKEN environment variable;\
+         \n                       unset: open on a loopback address, refused on any other)"
     ));
     for (name, value, help) in flags {
         usage.push_str(&format!("\n  {:<19}  {help}", format!("{name} {value}")));

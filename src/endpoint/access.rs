@@ -1,8 +1,11 @@
 //! Who may use an endpoint: a bearer token (compared in constant time) and/or any predicate
-//! over the request.
+//! over the request, or anyone; or nobody, for a debug endpoint nobody configured.
 //!
 //! Checked after the method (a wrong method is a 405 whoever asks) and before any work:
-//! a missing or wrong token is a 401 with `WWW-Authenticate: Bearer`, a refused predicate a 403.
+//! a closed endpoint answers 403 naming the builder methods that open it; more than one
+//! `Authorization` header is a 400 (a proxy in front may have checked another one than we
+//! would); a missing or wrong token is a 401 with `WWW-Authenticate: Bearer`, a refused
+//! predicate a 403.
 
 use super::response::{self, Answer};
 use http::header::{HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -19,6 +22,8 @@ pub(crate) type Predicate = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 pub(crate) struct Access {
     token: Option<Box<[u8]>>,
     predicate: Option<Predicate>,
+    /// Refuses everyone with this reason: a debug endpoint without any access rule.
+    closed: Option<Box<str>>,
 }
 
 impl fmt::Debug for Access {
@@ -27,11 +32,20 @@ impl fmt::Debug for Access {
         f.debug_struct("Access")
             .field("bearer_token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("predicate", &self.predicate.as_ref().map(|_| "<fn>"))
+            .field("closed", &self.closed.is_some())
             .finish()
     }
 }
 
 impl Access {
+    /// Refuses every request with a 403 and `reason`.
+    pub(crate) fn closed(reason: String) -> Self {
+        Self {
+            closed: Some(reason.into_boxed_str()),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn set_token(&mut self, token: String) {
         self.token = Some(token.into_bytes().into_boxed_slice());
     }
@@ -40,13 +54,21 @@ impl Access {
         self.predicate = Some(predicate);
     }
 
-    /// `None` when the request may pass, otherwise the 401/403 answer.
+    /// `None` when the request may pass, otherwise the 403/400/401 answer.
     pub(crate) fn refusal(&self, parts: &Parts) -> Option<Answer> {
+        if let Some(reason) = &self.closed {
+            return Some(response::text(StatusCode::FORBIDDEN, reason));
+        }
         if let Some(token) = &self.token {
-            let presented = parts
-                .headers
-                .get(AUTHORIZATION)
-                .and_then(|value| bearer_token(value.as_bytes()));
+            let mut headers = parts.headers.get_all(AUTHORIZATION).iter();
+            let first = headers.next();
+            if headers.next().is_some() {
+                return Some(response::text(
+                    StatusCode::BAD_REQUEST,
+                    "more than one Authorization header; send exactly one",
+                ));
+            }
+            let presented = first.and_then(|value| bearer_token(value.as_bytes()));
             if !presented.is_some_and(|presented| constant_time_eq(presented, token)) {
                 let mut answer = response::text(
                     StatusCode::UNAUTHORIZED,
@@ -169,6 +191,26 @@ mod tests {
             .headers
             .insert("x-admin", HeaderValue::from_static("1"));
         assert!(access.refusal(&admin).is_none());
+    }
+
+    #[test]
+    fn two_authorization_headers_are_refused_whatever_their_order() {
+        let access = with_token("t");
+        for pair in [["Bearer wrong", "Bearer t"], ["Bearer t", "Bearer wrong"]] {
+            let mut request = parts(Some(pair[0]));
+            request
+                .headers
+                .append(AUTHORIZATION, HeaderValue::from_static(pair[1]));
+            let answer = access.refusal(&request).unwrap();
+            assert_eq!(answer.status(), StatusCode::BAD_REQUEST, "{pair:?}");
+        }
+    }
+
+    #[test]
+    fn closed_refuses_everyone_with_its_reason() {
+        let access = Access::closed("closed: set a rule".into());
+        let answer = access.refusal(&parts(Some("Bearer t"))).unwrap();
+        assert_eq!(answer.status(), StatusCode::FORBIDDEN);
     }
 
     #[test]

@@ -15,6 +15,12 @@ pub(crate) trait Handler: Send + Sync + Sized + 'static {
     const METHODS: &'static [Method];
     /// [`METHODS`](Self::METHODS) as an `Allow` header.
     const ALLOW: &'static str;
+    /// Whether it answers anyone until access rules are set. Only `/metrics` is (Prometheus
+    /// expects it); every debug endpoint is closed until an access rule is configured.
+    const OPEN: bool = false;
+    /// The query parameter names it accepts; any other is a 400 naming these. `None`: not
+    /// checked (`/metrics`, where Prometheus's scrape `params` may add some).
+    const PARAMS: Option<&'static [&'static str]> = Some(&[]);
     /// What a request asks for.
     type Params: Send + 'static;
     /// What the job produces; shared by every request that waited for the same job.

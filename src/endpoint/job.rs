@@ -3,8 +3,10 @@
 //!
 //! - [`Job`]: a receiver for a job's result, plus anything the request holds until it is
 //!   answered (a slot of an in-flight limit).
-//! - [`Runner`]: where the work runs: tokio's blocking pool (inline outside a runtime, which has
-//!   no workers to protect), or a thread of its own for work that must never wait in a queue.
+//! - [`Runner`]: where the work runs: always a thread of its own, never tokio's shared blocking
+//!   pool, so that a render never waits behind dumps or purges (or the application's own
+//!   blocking tasks). Since every kind of job runs one at a time ([`Flight`], or the purge's
+//!   process-wide slot), the layer never runs more than one thread per kind.
 //! - [`Flight`]: at most one job of a kind at a time; requests that arrive while it runs join
 //!   it, and a finished result may answer new requests for a reuse window.
 
@@ -17,8 +19,9 @@ use tokio::sync::watch;
 /// Where a job's work runs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Runner {
-    /// tokio's blocking pool from inside a runtime; inline outside one.
-    BlockingPool,
+    /// A new thread with this name from inside a tokio runtime; inline outside one (a caller
+    /// without a runtime has no async workers to protect).
+    OwnThread(&'static str),
     /// A new thread with this name, whatever the runtime.
     Thread(&'static str),
 }
@@ -92,24 +95,23 @@ impl<T: Send + Sync + 'static> Job<T> {
 /// Runs `work` where `runner` says; a 500 when a thread cannot be started (the work is
 /// dropped unrun).
 fn run(runner: Runner, work: impl FnOnce() + Send + 'static) -> Result<(), Answer> {
-    match runner {
-        Runner::BlockingPool => match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(work)),
-            Err(_) => work(),
-        },
-        Runner::Thread(name) => {
-            std::thread::Builder::new()
-                .name(name.to_owned())
-                .spawn(work)
-                .map_err(|e| {
-                    response::text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format_args!("cannot start the {name} thread: {e}"),
-                    )
-                })?;
+    let name = match runner {
+        Runner::OwnThread(_) if tokio::runtime::Handle::try_current().is_err() => {
+            work();
+            return Ok(());
         }
-    }
-    Ok(())
+        Runner::OwnThread(name) | Runner::Thread(name) => name,
+    };
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(work)
+        .map(drop)
+        .map_err(|e| {
+            response::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format_args!("cannot start the {name} thread: {e}"),
+            )
+        })
 }
 
 /// At most one job of a kind at a time: requests that arrive while it runs join it.
@@ -185,6 +187,19 @@ impl<T: Send + Sync + 'static> Flight<T> {
         Ok(Job { result, hold: None })
     }
 
+    /// The job in progress, or a result within the reuse window, without starting anything.
+    pub(crate) fn peek(&self) -> Option<Job<T>> {
+        let state = self.lock();
+        if let Some(running) = &state.running {
+            return Some(Job {
+                result: running.clone(),
+                hold: None,
+            });
+        }
+        let (finished, result) = state.last.as_ref()?;
+        (finished.elapsed() < self.reuse_window).then(|| Job::done(Arc::clone(result)))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, FlightState<T>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -225,7 +240,7 @@ mod tests {
 
     #[test]
     fn outside_a_runtime_work_runs_inline() {
-        let job = Job::spawn(Runner::BlockingPool, || 7).unwrap();
+        let job = Job::spawn(Runner::OwnThread("test-job"), || 7).unwrap();
         assert_eq!(value(&job), Some(7));
     }
 
@@ -258,7 +273,7 @@ mod tests {
         let start = |flight: &Arc<Flight<usize>>| {
             let runs = Arc::clone(&runs);
             flight
-                .join_or_start(Runner::BlockingPool, move || {
+                .join_or_start(Runner::OwnThread("test-job"), move || {
                     runs.fetch_add(1, Ordering::SeqCst) + 1
                 })
                 .unwrap()
@@ -271,5 +286,7 @@ mod tests {
         let no_window = Arc::new(Flight::new(Duration::ZERO));
         assert_eq!(value(&start(&no_window)), Some(2));
         assert_eq!(value(&start(&no_window)), Some(3));
+        assert!(no_window.peek().is_none(), "nothing running, nothing kept");
+        assert_eq!(flight.peek().as_ref().and_then(value), Some(1));
     }
 }

@@ -7,13 +7,17 @@
 //!   then a render that finished less than that long ago answers it too, which bounds renders
 //!   to about one per window under a scrape storm.
 //! - **Off the workers**: on a tokio runtime the render (gathering the OpenTelemetry SDK, which
-//!   runs every observable callback, then encoding) runs on the blocking pool; outside one it
-//!   runs inline. A collector that panics gets its scrape a 500, and the next scrape renders
+//!   runs every observable callback, then encoding) runs on a thread of its own, never behind
+//!   the shared blocking pool's queue (stats dumps, purges, the application's tasks); outside
+//!   a runtime it runs inline. A collector that panics gets its scrape a 500, and the next scrape renders
 //!   afresh.
 //! - **gzip**: when `Accept-Encoding` allows gzip (Prometheus always sends it), the body is
-//!   gzip-compressed once per render and shared; `Vary: Accept-Encoding` is always set.
-//! - **In-flight limit**: beyond the configured number of concurrent scrapes, a scrape gets a
-//!   503 with `Retry-After: 1` at once.
+//!   gzip-compressed once per render and shared; `Vary: Accept-Encoding` is always set. With
+//!   gzip on, every render is compressed on its own thread, whoever started it, so a scrape
+//!   that joins a render never compresses on an async worker.
+//! - **In-flight limit**: beyond the configured number of concurrent scrapes (default 1024), a
+//!   scrape gets a 503 with `Retry-After: 1` at once. Waiting on a shared render costs almost
+//!   nothing, so the limit only bounds the memory that waiting scrapes hold.
 //!
 //! Order of checks after admission: in-flight limit (503), then the render.
 
@@ -55,6 +59,8 @@ pub(crate) struct Scrape {
 impl Handler for Metrics {
     const METHODS: &'static [Method] = &[Method::GET, Method::HEAD];
     const ALLOW: &'static str = "GET, HEAD";
+    const OPEN: bool = true;
+    const PARAMS: Option<&'static [&'static str]> = None;
     type Params = Scrape;
     type Output = Rendered;
 
@@ -77,7 +83,7 @@ impl Handler for Metrics {
         })
     }
 
-    fn start(&self, scrape: &Scrape) -> Result<Job<Rendered>, Answer> {
+    fn start(&self, _: &Scrape) -> Result<Job<Rendered>, Answer> {
         let Some(slot) = InFlight::acquire(&self.in_flight, self.limit) else {
             return Err(response::retry_after(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -89,19 +95,21 @@ impl Handler for Metrics {
             ));
         };
         let renderer = Arc::clone(&self.renderer);
-        let gzip = scrape.gzip;
-        let job = self.renders.join_or_start(Runner::BlockingPool, move || {
-            // A collector the application registered may panic; the scrape still gets an
-            // answer (500) and the next scrape starts a fresh render.
-            let rendered =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| renderer.render()))
-                    .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
-            // Compress here, off the workers, when the scrape that started the render wants it.
-            if let (Ok(render), true) = (&rendered, gzip) {
-                render.gzip();
-            }
-            rendered
-        })?;
+        let gzip = self.gzip;
+        let job = self
+            .renders
+            .join_or_start(Runner::OwnThread("jemalloc-metrics"), move || {
+                // A collector the application registered may panic; the scrape still gets an
+                // answer (500) and the next scrape starts a fresh render.
+                let rendered =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| renderer.render()))
+                        .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
+                // Compress here, off the workers, for every scrape that will want it.
+                if let (Ok(render), true) = (&rendered, gzip) {
+                    render.gzip();
+                }
+                rendered
+            })?;
         Ok(job.holding(slot))
     }
 

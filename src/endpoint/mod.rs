@@ -23,16 +23,19 @@ mod job;
 mod metrics;
 mod purge;
 mod query;
+mod request_body;
 mod response;
 mod settings;
 mod stats;
 
 pub(crate) use access::{validate_token, Access, Predicate};
 pub(crate) use handler::Context;
+pub(crate) use request_body::{discard, MAX_DISCARDED_BODY};
 pub(crate) use response::Reply;
 pub(crate) use settings::Settings;
 pub use settings::{
     DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES,
+    DEFAULT_STATS_REUSE_WINDOW,
 };
 
 use handler::{Handler, Respond};
@@ -88,6 +91,16 @@ macro_rules! endpoints {
                 }
             }
 
+            /// Whether it answers anyone until access rules are set (only `/metrics`).
+            pub(crate) fn open_by_default(self) -> bool {
+                match self { $(Self::$variant => <$handler as Handler>::OPEN,)* }
+            }
+
+            /// The query parameter names it accepts (`None`: not checked).
+            fn params(self) -> Option<&'static [&'static str]> {
+                match self { $(Self::$variant => <$handler as Handler>::PARAMS,)* }
+            }
+
             fn handler(self, context: &Context<'_>) -> Box<dyn Respond> {
                 match self { $(Self::$variant => Box::new(<$handler as Handler>::new(context)),)* }
             }
@@ -118,6 +131,7 @@ pub(crate) struct Route {
     access: Access,
     methods: &'static [Method],
     allow: &'static str,
+    params: Option<&'static [&'static str]>,
     handler: Box<dyn Respond>,
 }
 
@@ -136,17 +150,24 @@ impl Route {
             access,
             methods,
             allow,
+            params: endpoint.params(),
             handler: endpoint.handler(context),
         }
     }
 
-    /// Answers a request on this route: admission, then the handler's pipeline. The body of
-    /// an intercepted request is never read.
+    /// Answers a request on this route: admission (method, access, parameter names), then the
+    /// handler's pipeline.
     pub(crate) fn respond(&self, parts: &Parts) -> Reply {
         if !self.methods.contains(&parts.method) {
             return Reply::Now(response::method_not_allowed(self.allow, &self.path));
         }
         if let Some(refusal) = self.access.refusal(parts) {
+            return Reply::Now(refusal);
+        }
+        if let Some(refusal) = self
+            .params
+            .and_then(|allowed| query::unknown_param(parts.uri.query(), allowed, &self.path))
+        {
             return Reply::Now(refusal);
         }
         self.handler.respond(self.endpoint.name(), parts)
@@ -183,13 +204,18 @@ impl Routes {
         }
     }
 
-    /// The route answering `path`, if any: paths match exactly.
+    /// The index of the route answering `path`, if any: paths match exactly.
     #[inline]
-    pub(crate) fn find(&self, path: &str) -> Option<&Route> {
+    pub(crate) fn find(&self, path: &str) -> Option<usize> {
         if self.lengths & length_bit(path) == 0 {
             return None;
         }
-        self.routes.iter().find(|route| *route.path == *path)
+        self.routes.iter().position(|route| *route.path == *path)
+    }
+
+    /// The route at `index`, as [`find`](Self::find) gave it.
+    pub(crate) fn route(&self, index: usize) -> &Route {
+        &self.routes[index]
     }
 
     /// The path `endpoint` answers, if it is on.

@@ -33,6 +33,7 @@ type Purged = Result<PurgeReport, JemallocError>;
 impl Handler for Purge {
     const METHODS: &'static [Method] = &[Method::POST, Method::PUT];
     const ALLOW: &'static str = "POST, PUT";
+    const PARAMS: Option<&'static [&'static str]> = Some(&["mode"]);
     type Params = PurgeMode;
     type Output = Purged;
 
@@ -120,7 +121,24 @@ struct PurgeTelemetry {
 }
 
 impl PurgeTelemetry {
+    /// The instruments, with every counter series present at 0 from the start, so that an
+    /// alert on `jemalloc_purges_total{result="error"}` has a series to watch before the first
+    /// purge. (The duration histogram has no series until a purge: OpenTelemetry cannot
+    /// export a histogram without a measurement.)
     fn new(meter: &Meter) -> Self {
+        let telemetry = Self::instruments(meter);
+        for mode in PurgeMode::ALL {
+            let mode = KeyValue::new("mode", mode.as_str());
+            for result in ["ok", "error"] {
+                let attributes = [KeyValue::new("result", result), mode.clone()];
+                telemetry.purges.add(0, &attributes);
+            }
+            telemetry.released.add(0, &[mode]);
+        }
+        telemetry
+    }
+
+    fn instruments(meter: &Meter) -> Self {
         Self {
             purges: meter
                 .u64_counter("jemalloc.purges")

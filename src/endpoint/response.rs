@@ -24,6 +24,16 @@ pub(crate) enum Reply {
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
+impl Reply {
+    /// The answer, once it is there.
+    pub(crate) async fn into_answer(self) -> Answer {
+        match self {
+            Self::Now(answer) => answer,
+            Self::Later(answer) => answer.await,
+        }
+    }
+}
+
 /// `status` with `body` and its content type.
 pub(crate) fn with_body(status: StatusCode, content_type: HeaderValue, body: Bytes) -> Answer {
     let mut response = Response::new(Full::new(body));
@@ -38,11 +48,6 @@ pub(crate) fn text(status: StatusCode, reason: impl std::fmt::Display) -> Answer
     let mut line = reason.to_string().replace(['\r', '\n'], " ");
     line.push('\n');
     with_body(status, TEXT_PLAIN, Bytes::from(line))
-}
-
-/// 200 with `body` as `text/plain`, as it is.
-pub(crate) fn plain(body: Bytes) -> Answer {
-    with_body(StatusCode::OK, TEXT_PLAIN, body)
 }
 
 /// 200 with `value` rendered as JSON (serde_json).

@@ -5,11 +5,17 @@ use std::time::Duration;
 /// The default minimum interval between two purges through the HTTP endpoint.
 pub const DEFAULT_PURGE_COOLDOWN: Duration = Duration::from_secs(1);
 
-/// The default number of scrapes that may be in flight at once.
-pub const DEFAULT_MAX_CONCURRENT_SCRAPES: usize = 16;
+/// The default number of scrapes that may be in flight at once: high enough that no real
+/// monitoring setup meets it (256 concurrent scrapers get no 503), low enough to bound what
+/// waiting scrapes hold (a few hundred bytes each).
+pub const DEFAULT_MAX_CONCURRENT_SCRAPES: usize = 1024;
 
 /// The default cap on the size of a stats dump.
 pub const DEFAULT_STATS_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// The default time a finished stats dump answers new requests: under a flood, at most one
+/// dump per format per second.
+pub const DEFAULT_STATS_REUSE_WINDOW: Duration = Duration::from_secs(1);
 
 /// The endpoints' own settings.
 #[derive(Debug, Clone)]
@@ -24,6 +30,8 @@ pub(crate) struct Settings {
     pub(crate) gzip: bool,
     /// The largest stats dump answered.
     pub(crate) stats_max_bytes: usize,
+    /// A dump that finished less than this long ago answers new requests too.
+    pub(crate) stats_reuse_window: Duration,
 }
 
 impl Default for Settings {
@@ -34,6 +42,7 @@ impl Default for Settings {
             scrape_reuse_window: Duration::ZERO,
             gzip: true,
             stats_max_bytes: DEFAULT_STATS_MAX_BYTES,
+            stats_reuse_window: DEFAULT_STATS_REUSE_WINDOW,
         }
     }
 }

@@ -8,26 +8,42 @@
 //!   bin, large-class and mutex details (`"detail": "compact"`); still over the cap, the answer
 //!   is a 500 naming the cap. A text dump is cut at the cap with a last line saying so.
 //!
-//! The dump walks every arena under jemalloc's locks, so it runs off the async workers.
+//! The dump walks every arena under jemalloc's locks and builds up to the cap in memory, so it
+//! is bounded: it runs on a thread of its own, off the async workers; at most one dump per
+//! format runs at a time and requests that arrive meanwhile share its result; a finished dump
+//! answers new requests for a reuse window (default 1 s), so a flood costs at most one dump
+//! per format per second and the memory held is at most one capped dump per format. `HEAD`
+//! answers from a dump in progress or held, and otherwise without running one (no
+//! `Content-Length` then).
+//!
 //! Order of checks after admission: format (400), jemalloc availability (501/503).
 
 use super::handler::{Context, Handler};
-use super::job::{Job, Runner};
+use super::job::{Flight, Job, Runner};
 use super::query;
 use super::response::{self, Answer};
 use crate::jemalloc::ctl::{Ctl, PrintOptions};
 use crate::jemalloc::dump::dump;
 use crate::jemalloc::{JemallocError, StatsSummary};
 use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH};
 use http::request::Parts;
 use http::{Method, StatusCode};
 use http_body_util::Full;
+use opentelemetry::metrics::Counter;
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use std::sync::Arc;
 
 /// The stats endpoint of one layer.
 pub(crate) struct Stats {
     max_bytes: usize,
+    json: Arc<Flight<Dumped>>,
+    text: Arc<Flight<Dumped>>,
+    /// `jemalloc.stats.dumps` (attribute `format`), exported as `…_jemalloc_stats_dumps_total`:
+    /// how many dumps ran, so that an operator sees a flood cost at most one per window.
+    dumps: Counter<u64>,
 }
 
 /// What a stats request asks for.
@@ -40,6 +56,25 @@ pub(crate) struct Request {
 enum Format {
     Json,
     Text,
+}
+
+impl Format {
+    fn attribute(self) -> KeyValue {
+        KeyValue::new(
+            "format",
+            match self {
+                Self::Json => "json",
+                Self::Text => "text",
+            },
+        )
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::Text => "text/plain; charset=utf-8",
+        }
+    }
 }
 
 /// A finished dump.
@@ -62,12 +97,25 @@ struct Body<'a> {
 impl Handler for Stats {
     const METHODS: &'static [Method] = &[Method::GET, Method::HEAD];
     const ALLOW: &'static str = "GET, HEAD";
+    const PARAMS: Option<&'static [&'static str]> = Some(&["format"]);
     type Params = Request;
     type Output = Dumped;
 
     fn new(context: &Context<'_>) -> Self {
+        let window = context.settings.stats_reuse_window;
+        let dumps = context
+            .meter
+            .u64_counter("jemalloc.stats.dumps")
+            .with_description("jemalloc stats dumps run by the stats endpoint, by format")
+            .build();
+        for format in [Format::Json, Format::Text] {
+            dumps.add(0, &[format.attribute()]);
+        }
         Self {
             max_bytes: context.settings.stats_max_bytes,
+            json: Arc::new(Flight::new(window)),
+            text: Arc::new(Flight::new(window)),
+            dumps,
         }
     }
 
@@ -93,7 +141,23 @@ impl Handler for Stats {
     fn start(&self, request: &Request) -> Result<Job<Dumped>, Answer> {
         let ctl = crate::jemalloc::ctl::ctl().map_err(|e| response::jemalloc_error(&e))?;
         let (format, max_bytes) = (request.format, self.max_bytes);
-        Job::spawn(Runner::BlockingPool, move || {
+        let flight = match format {
+            Format::Json => &self.json,
+            Format::Text => &self.text,
+        };
+        if request.head {
+            // The headers of a dump in progress or held; otherwise no dump just for them.
+            return flight.peek().ok_or_else(|| {
+                response::with_body(
+                    StatusCode::OK,
+                    HeaderValue::from_static(format.content_type()),
+                    Bytes::new(),
+                )
+            });
+        }
+        let dumps = self.dumps.clone();
+        flight.join_or_start(Runner::OwnThread("jemalloc-stats"), move || {
+            dumps.add(1, &[format.attribute()]);
             let dumped = match format {
                 Format::Json => json_dump(ctl, max_bytes),
                 Format::Text => text_dump(ctl, max_bytes),
@@ -106,10 +170,14 @@ impl Handler for Stats {
         let mut answer = match dumped {
             Dumped::Json(body) => response::with_body(
                 StatusCode::OK,
-                http::HeaderValue::from_static("application/json"),
+                HeaderValue::from_static(Format::Json.content_type()),
                 body.clone(),
             ),
-            Dumped::Text(body) => response::plain(body.clone()),
+            Dumped::Text(body) => response::with_body(
+                StatusCode::OK,
+                HeaderValue::from_static(Format::Text.content_type()),
+                body.clone(),
+            ),
             Dumped::OverCap(max_bytes) => response::text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format_args!(
@@ -120,7 +188,13 @@ impl Handler for Stats {
             Dumped::Failed(e) => response::jemalloc_error(e),
         };
         if request.head {
+            let length = http_body::Body::size_hint(answer.body())
+                .exact()
+                .unwrap_or(0);
             *answer.body_mut() = Full::default();
+            answer
+                .headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
         answer
     }

@@ -1,0 +1,227 @@
+//! Safe defaults and bounded work: debug endpoints closed until an access rule is set, strict
+//! requests on them, stats dumps shared and bounded, purge telemetry present from the start.
+#![cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use std::time::Duration;
+use tower::Layer;
+use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder};
+
+#[global_allocator]
+static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+
+fn service(builder: JemallocLayerBuilder) -> JemallocServiceOf {
+    let (echo, _) = recording_echo();
+    builder
+        .purge_cooldown(Duration::ZERO)
+        .build()
+        .unwrap()
+        .layer(echo)
+}
+
+type JemallocServiceOf = tower_jemalloc::JemallocService<Echo>;
+
+#[tokio::test]
+async fn debug_endpoints_are_closed_by_default_and_metrics_open() {
+    let mut service = service(JemallocLayer::builder());
+    assert_eq!(
+        send(&mut service, request("GET", "/metrics")).await.status,
+        StatusCode::OK
+    );
+    for (method, path, endpoint) in [
+        ("POST", "/debug/jemalloc/purge", "Purge"),
+        ("GET", "/debug/jemalloc/stats", "Stats"),
+    ] {
+        let answer = send(&mut service, request(method, path)).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{path}");
+        let reason = answer.text();
+        assert_eq!(reason.lines().count(), 1, "{reason}");
+        for method in ["bearer_token", "authorize", "allow_anonymous"] {
+            assert!(
+                reason.contains(&format!("{method}(Endpoint::{endpoint}")),
+                "{reason}"
+            );
+        }
+    }
+    // A wrong method is still a 405, whoever asks.
+    let answer = send(&mut service, request("GET", "/debug/jemalloc/purge")).await;
+    assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn a_token_or_the_anonymous_opt_in_opens_them() {
+    let mut guarded = service(JemallocLayer::builder().purge_bearer_token("s3cret"));
+    for path in ["/debug/jemalloc/stats?format=text"] {
+        let answer = send(&mut guarded, request("GET", path)).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+        let mut with_token = request("GET", path);
+        with_token
+            .headers_mut()
+            .insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert_eq!(send(&mut guarded, with_token).await.status, StatusCode::OK);
+    }
+    let mut open = service(JemallocLayer::builder().allow_anonymous(Endpoint::Stats));
+    let answer = send(
+        &mut open,
+        request("GET", "/debug/jemalloc/stats?format=text"),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // Stats has its own rule here; purge stays closed.
+    let answer = send(&mut open, request("POST", "/debug/jemalloc/purge")).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn two_authorization_headers_run_nothing() {
+    let mut service = service(JemallocLayer::builder().purge_bearer_token("s3cret"));
+    for pair in [
+        ["Bearer wrong", "Bearer s3cret"],
+        ["Bearer s3cret", "Bearer wrong"],
+    ] {
+        let mut twice = request("POST", "/debug/jemalloc/purge");
+        for value in pair {
+            twice
+                .headers_mut()
+                .append("authorization", value.parse().unwrap());
+        }
+        let answer = send(&mut service, twice).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{pair:?}");
+        assert_eq!(
+            answer.text(),
+            "more than one Authorization header; send exactly one\n"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_parameters_are_refused_naming_the_allowed_ones() {
+    let mut service = service(JemallocLayer::builder().allow_anonymous(Endpoint::Purge));
+    for (method, uri, allowed) in [
+        ("POST", "/debug/jemalloc/purge?MODE=bogus", "accepts mode"),
+        ("POST", "/debug/jemalloc/purge?mod=decay", "accepts mode"),
+        ("GET", "/debug/jemalloc/stats?fmt=text", "accepts format"),
+    ] {
+        let answer = send(&mut service, request(method, uri)).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{uri}");
+        assert!(answer.text().contains(allowed), "{}", answer.text());
+    }
+    // /metrics takes whatever parameters a scrape config adds.
+    let answer = send(&mut service, request("GET", "/metrics?target=x")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
+/// Requests in flight together share one dump, and a finished dump answers for the reuse
+/// window: a burst costs one dump, counted on `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stats_burst_costs_one_dump() {
+    let service = service(
+        JemallocLayer::builder()
+            .allow_anonymous(Endpoint::Stats)
+            .stats_reuse_window(Duration::from_secs(60)),
+    );
+    let dumps = |text: &str| {
+        parse_exposition(text)
+            .samples
+            .iter()
+            .find(|s| {
+                s.name == "jemalloc_stats_dumps_total"
+                    && s.labels.get("format").map(String::as_str) == Some("json")
+            })
+            .map(|s| s.value)
+    };
+    let mut first = service.clone();
+    let before = dumps(send(&mut first, request("GET", "/metrics")).await.text());
+    assert_eq!(before, Some(0.0), "the counter is there from the start");
+
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let mut service = service.clone();
+        burst.spawn(
+            async move { send(&mut service, request("GET", "/debug/jemalloc/stats")).await },
+        );
+    }
+    let mut lengths = Vec::new();
+    while let Some(answer) = burst.join_next().await {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        lengths.push(answer.body.len());
+    }
+    lengths.dedup();
+    assert_eq!(lengths.len(), 1, "every request got the same dump");
+
+    // HEAD answers from the held dump, with its length.
+    let head = send(&mut first, request("HEAD", "/debug/jemalloc/stats")).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-length"),
+        Some(&*lengths[0].to_string())
+    );
+
+    let after = dumps(send(&mut first, request("GET", "/metrics")).await.text());
+    assert_eq!(after, Some(1.0));
+}
+
+#[tokio::test]
+async fn head_on_stats_runs_no_dump_when_none_is_held() {
+    let mut service = service(JemallocLayer::builder().allow_anonymous(Endpoint::Stats));
+    let head = send(
+        &mut service,
+        request("HEAD", "/debug/jemalloc/stats?format=text"),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+    let metrics = send(&mut service, request("GET", "/metrics")).await;
+    assert!(
+        metrics.text().lines().any(
+            |l| l.starts_with("jemalloc_stats_dumps_total{format=\"text\"") && l.ends_with(" 0")
+        ),
+        "{}",
+        metrics.text()
+    );
+}
+
+#[tokio::test]
+async fn purge_counters_are_exported_at_zero_before_any_purge() {
+    let mut service = service(JemallocLayer::builder().namespace("restate"));
+    let answer = send(&mut service, request("GET", "/metrics")).await;
+    let exposition = parse_exposition(answer.text());
+    for mode in ["purge", "decay"] {
+        for result in ["ok", "error"] {
+            let found = exposition.samples.iter().find(|s| {
+                s.name == "restate_jemalloc_purges_total"
+                    && s.labels.get("mode").map(String::as_str) == Some(mode)
+                    && s.labels.get("result").map(String::as_str) == Some(result)
+            });
+            assert_eq!(found.map(|s| s.value), Some(0.0), "{mode} {result}");
+        }
+        let released = exposition.samples.iter().find(|s| {
+            s.name == "restate_jemalloc_purge_released_bytes_total"
+                && s.labels.get("mode").map(String::as_str) == Some(mode)
+        });
+        assert_eq!(released.map(|s| s.value), Some(0.0), "{mode}");
+    }
+}
+
+/// 256 scrapes at once: none gets a 503 with the default limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_scrapes_all_get_200() {
+    let service = service(JemallocLayer::builder());
+    let mut scrapes = tokio::task::JoinSet::new();
+    for _ in 0..256 {
+        let mut service = service.clone();
+        scrapes.spawn(async move { send(&mut service, request("GET", "/metrics")).await.status });
+    }
+    while let Some(status) = scrapes.join_next().await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+}
