@@ -22,7 +22,9 @@ const SCOPE_NAME: &str = "tower-jemalloc";
 
 impl JemallocLayer {
     /// A layer with the defaults: its own Prometheus registry, exporter and meter provider, no
-    /// namespace (`jemalloc_allocated_bytes`, …), and every endpoint on its default path.
+    /// namespace (`jemalloc_allocated_bytes`, …), and every endpoint on its default path:
+    /// `/metrics` open, the debug endpoints (purge, stats) closed (403) until an access rule
+    /// is set with [`JemallocLayer::builder`].
     ///
     /// # Panics
     ///
@@ -352,6 +354,15 @@ impl JemallocLayerBuilder {
     /// after a dump finished starts a new one.
     pub fn stats_reuse_window(mut self, window: Duration) -> Self {
         self.settings.stats_reuse_window = window;
+        self
+    }
+
+    /// How many stats answers (other than `HEAD`) the endpoint gives per second (default 10,
+    /// at least 1); beyond that a request gets a 429 with `Retry-After: 1`. A dump is up to a
+    /// few MiB, so a flood answered in full would take the process's CPU and bandwidth from
+    /// the application and from `/metrics`.
+    pub fn stats_rate_limit(mut self, per_second: u32) -> Self {
+        self.settings.stats_rate_limit = per_second;
         self
     }
 

@@ -15,9 +15,11 @@
 //! - `GET /debug/jemalloc/stats`: jemalloc's `malloc_stats_print` dump (JSON with a
 //!   [`StatsSummary`] and plain-language hints, or `?format=text`).
 //!
-//! The builder configures every [`Endpoint`] the same way (path, switched off, bearer token,
-//! predicate) and sets the purge cooldown and the scrape limit; see the README's Security
-//! section. Every other request goes to the inner service untouched. JSON answers are serde
+//! `/metrics` is open; the debug endpoints (purge, stats) answer 403 until they have an access
+//! rule: a bearer token, a predicate, or an explicit
+//! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
+//! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
+//! stats and scrape bounds; see the README's Security section. Every other request goes to the inner service untouched. JSON answers are serde
 //! types ([`PurgeReport`], [`JemallocStats`], [`StatsSummary`]) that a Rust client can read
 //! back, and the crates whose types appear in the API are re-exported ([`opentelemetry`],
 //! [`opentelemetry_sdk`], [`opentelemetry_prometheus`], [`prometheus`]), so that a user needs
@@ -186,7 +188,8 @@ pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{
     Endpoint, DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_METRICS_PATH, DEFAULT_PURGE_COOLDOWN,
-    DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH, DEFAULT_STATS_REUSE_WINDOW,
+    DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH, DEFAULT_STATS_RATE_LIMIT,
+    DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use jemalloc::instruments::register_instruments;

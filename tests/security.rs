@@ -121,6 +121,7 @@ async fn a_stats_burst_costs_one_dump() {
     let service = service(
         JemallocLayer::builder()
             .allow_anonymous(Endpoint::Stats)
+            .stats_rate_limit(1000)
             .stats_reuse_window(Duration::from_secs(60)),
     );
     let dumps = |text: &str| {
@@ -164,6 +165,44 @@ async fn a_stats_burst_costs_one_dump() {
 
     let after = dumps(send(&mut first, request("GET", "/metrics")).await.text());
     assert_eq!(after, Some(1.0));
+}
+
+/// Beyond the rate limit, a stats request gets a 429 with `Retry-After` and no dump.
+#[tokio::test]
+async fn stats_answers_are_rate_limited() {
+    let mut service = service(
+        JemallocLayer::builder()
+            .allow_anonymous(Endpoint::Stats)
+            .stats_rate_limit(2),
+    );
+    let statuses: Vec<_> = {
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let answer = send(
+                &mut service,
+                request("GET", "/debug/jemalloc/stats?format=text"),
+            )
+            .await;
+            statuses.push((
+                answer.status,
+                answer.header("retry-after").map(str::to_owned),
+            ));
+        }
+        statuses
+    };
+    assert_eq!(statuses[0].0, StatusCode::OK);
+    assert_eq!(statuses[1].0, StatusCode::OK);
+    assert_eq!(
+        statuses[2],
+        (StatusCode::TOO_MANY_REQUESTS, Some("1".to_owned()))
+    );
+    // HEAD is not counted.
+    let head = send(
+        &mut service,
+        request("HEAD", "/debug/jemalloc/stats?format=text"),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -23,6 +23,7 @@ mod job;
 mod metrics;
 mod purge;
 mod query;
+mod rate;
 mod request_body;
 mod response;
 mod settings;
@@ -35,7 +36,7 @@ pub(crate) use response::Reply;
 pub(crate) use settings::Settings;
 pub use settings::{
     DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES,
-    DEFAULT_STATS_REUSE_WINDOW,
+    DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
 };
 
 use handler::{Handler, Respond};

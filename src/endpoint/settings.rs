@@ -13,6 +13,11 @@ pub const DEFAULT_MAX_CONCURRENT_SCRAPES: usize = 1024;
 /// The default cap on the size of a stats dump.
 pub const DEFAULT_STATS_MAX_BYTES: usize = 4 * 1024 * 1024;
 
+/// The default number of stats answers (other than `HEAD`) per second. A dump is up to a few
+/// MiB: answering thousands a second would take the process's CPU and bandwidth from the
+/// application and from `/metrics`, and an operator needs a few.
+pub const DEFAULT_STATS_RATE_LIMIT: u32 = 10;
+
 /// The default time a finished stats dump answers new requests: under a flood, at most one
 /// dump per format per second.
 pub const DEFAULT_STATS_REUSE_WINDOW: Duration = Duration::from_secs(1);
@@ -32,6 +37,8 @@ pub(crate) struct Settings {
     pub(crate) stats_max_bytes: usize,
     /// A dump that finished less than this long ago answers new requests too.
     pub(crate) stats_reuse_window: Duration,
+    /// Stats answers per second; beyond, 429.
+    pub(crate) stats_rate_limit: u32,
 }
 
 impl Default for Settings {
@@ -43,6 +50,7 @@ impl Default for Settings {
             gzip: true,
             stats_max_bytes: DEFAULT_STATS_MAX_BYTES,
             stats_reuse_window: DEFAULT_STATS_REUSE_WINDOW,
+            stats_rate_limit: DEFAULT_STATS_RATE_LIMIT,
         }
     }
 }

@@ -16,11 +16,16 @@
 //! answers from a dump in progress or held, and otherwise without running one (no
 //! `Content-Length` then).
 //!
-//! Order of checks after admission: format (400), jemalloc availability (501/503).
+//! At most 10 answers per second (other than `HEAD`; `stats_rate_limit`) are given: beyond,
+//! 429 with `Retry-After`. Serving dumps of a few MiB by the thousand would take the CPU and
+//! bandwidth of the application and of `/metrics`.
+//!
+//! Order of checks after admission: format (400), jemalloc availability (501/503), rate (429).
 
 use super::handler::{Context, Handler};
 use super::job::{Flight, Job, Runner};
 use super::query;
+use super::rate::Rate;
 use super::response::{self, Answer};
 use crate::jemalloc::ctl::{Ctl, PrintOptions};
 use crate::jemalloc::dump::dump;
@@ -44,6 +49,8 @@ pub(crate) struct Stats {
     /// `jemalloc.stats.dumps` (attribute `format`), exported as `…_jemalloc_stats_dumps_total`:
     /// how many dumps ran, so that an operator sees a flood cost at most one per window.
     dumps: Counter<u64>,
+    /// Answers per second, other than `HEAD`.
+    rate: Rate,
 }
 
 /// What a stats request asks for.
@@ -116,6 +123,7 @@ impl Handler for Stats {
             json: Arc::new(Flight::new(window)),
             text: Arc::new(Flight::new(window)),
             dumps,
+            rate: Rate::new(context.settings.stats_rate_limit),
         }
     }
 
@@ -156,6 +164,16 @@ impl Handler for Stats {
             });
         }
         let dumps = self.dumps.clone();
+        self.rate.acquire().map_err(|wait| {
+            response::retry_after(
+                StatusCode::TOO_MANY_REQUESTS,
+                wait,
+                format_args!(
+                    "stats answers are limited to {} per second; retry shortly",
+                    self.rate.per_second()
+                ),
+            )
+        })?;
         flight.join_or_start(Runner::OwnThread("jemalloc-stats"), move || {
             dumps.add(1, &[format.attribute()]);
             let dumped = match format {
