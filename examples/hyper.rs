@@ -1,5 +1,6 @@
 //! Plain hyper 1 and hyper-util (no framework): a `tower::service_fn` application wrapped in the
-//! layer, served by an accept loop, HTTP/1.1 and HTTP/2 on one port.
+//! layer, served by hyper-util's accept loop (`common/serve.rs`): HTTP/1.1 and HTTP/2 on one
+//! port, a header-read timeout, an idle timeout, and a graceful Ctrl-C shutdown.
 //!
 //! ```text
 //! cargo run --release --example hyper [-- --addr 127.0.0.1:9072 --namespace NAME]
@@ -12,10 +13,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::time::Duration;
 use tower::Layer;
@@ -60,46 +57,11 @@ async fn main() {
     println!("  curl -s http://{addr}/metrics | grep jemalloc");
     println!("  {}", args.purge_command(addr));
 
-    // `auto` answers HTTP/1.1 and HTTP/2 (prior knowledge) on the same port.
-    let http = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off rather than spin.
-                        eprintln!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let connection = http
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        eprintln!("connection from {peer}: {e}");
-                    }
-                });
-            }
-            _ = &mut ctrl_c => break,
-        }
-    }
-
-    // Stop accepting, then let open connections finish their requests.
-    drop(listener);
-    println!("shutting down");
-    if tokio::time::timeout(GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!(
-            "connections still open after {} s: closing them",
-            GRACE.as_secs()
-        );
-    }
+    // HTTP/1.1 and HTTP/2 on one port, with a header-read timeout, an idle timeout and a
+    // graceful Ctrl-C shutdown: common/serve.rs.
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down");
+    };
+    common::serve::serve(listener, service, shutdown, GRACE).await;
 }

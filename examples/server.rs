@@ -12,11 +12,11 @@ use axum::extract::RawQuery;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{extract::Request, Router};
-use std::net::SocketAddr;
+use axum::Router;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Semaphore;
-use tower::{Layer, ServiceExt};
+use tower::Layer;
 use tower_jemalloc::JemallocStats;
 
 #[path = "common/mod.rs"]
@@ -38,9 +38,8 @@ async fn main() {
         )
         .route("/demo/churn", post(churn))
         .with_state(Arc::new(Semaphore::new(1)));
-    // Wrap the whole router so /metrics answers whatever the routes are. axum::serve wants
-    // axum's own response type, hence the map_response.
-    let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
+    // Wrap the whole router so /metrics answers whatever the routes are.
+    let app = layer.layer(router);
 
     let listener = args.listen().await;
     let addr = listener
@@ -55,18 +54,9 @@ async fn main() {
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down");
     };
-    if let Err(e) = axum::serve(
-        listener,
-        // With the peer address in each request's extensions (`ConnectInfo<SocketAddr>`), so
-        // that an access predicate (`.purge_authorize(..)`) can look at it.
-        axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(app),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    {
-        eprintln!("error: server failed: {e}");
-        std::process::exit(1);
-    }
+    // hyper-util rather than axum::serve, for its header-read timeout, an idle timeout and the
+    // peer address as `ConnectInfo<SocketAddr>` (for an access predicate): common/serve.rs.
+    common::serve::serve(listener, app, shutdown, Duration::from_secs(10)).await;
 }
 
 /// `POST /demo/churn?mib=N`: allocates N MiB in 1 KiB blocks, touches them, frees them, and

@@ -12,7 +12,11 @@
 //! tonic serves HTTP/2 only unless told otherwise, and Prometheus scrapes over HTTP/1.1: hence
 //! `accept_http1(true)`. gRPC clients keep speaking HTTP/2 on the same port.
 
-use tonic::transport::server::TcpIncoming;
+use common::serve::{IdleTimeout, IDLE_TIMEOUT};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_stream::StreamExt;
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic::transport::Server;
 
 #[path = "common/mod.rs"]
@@ -48,17 +52,30 @@ async fn main() {
     };
     // `Server::layer` wraps every route, so the layer sees each request before tonic's router.
     // `serve_with_incoming_shutdown` stops accepting on Ctrl-C and lets open calls finish.
+    // tonic enforces hyper's HTTP/1.1 header-read timeout (30 s); every connection also gets
+    // the idle timeout of common/serve.rs.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|stream| stream.map(|stream| IdleTimeout::new(stream, IDLE_TIMEOUT)));
     let served = Server::builder()
         .accept_http1(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(layer)
         .add_service(health_service)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     if let Err(e) = served {
         eprintln!("error: server failed: {e}");
         std::process::exit(1);
+    }
+}
+
+/// tonic wants each connection's peer address.
+impl Connected for IdleTimeout<TcpStream> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.get_ref().connect_info()
     }
 }

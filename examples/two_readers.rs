@@ -10,8 +10,7 @@
 //! # ...and every SECS seconds (default 10) the periodic reader prints the same instruments.
 //! ```
 
-use axum::extract::{Request, State};
-use axum::response::IntoResponse;
+use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use opentelemetry::metrics::{Counter, MeterProvider};
@@ -21,7 +20,7 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use std::fmt::Display;
 use std::time::Duration;
-use tower::{Layer, ServiceExt};
+use tower::Layer;
 use tower_jemalloc::JemallocLayer;
 
 #[path = "common/mod.rs"]
@@ -145,7 +144,7 @@ async fn main() {
         .build();
 
     let router = Router::new().route("/", get(hello)).with_state(requests);
-    let app = ServiceExt::<Request>::map_response(layer.layer(router), IntoResponse::into_response);
+    let app = layer.layer(router);
 
     let listener = args.listen().await;
     let addr = listener
@@ -160,19 +159,11 @@ async fn main() {
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down");
     };
-    let served = axum::serve(
-        listener,
-        axum::ServiceExt::<Request>::into_make_service(app),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    // Header-read and idle timeouts, graceful shutdown: common/serve.rs.
+    common::serve::serve(listener, app, shutdown, std::time::Duration::from_secs(10)).await;
     // Stops the periodic reader's thread after one last export.
     if let Err(e) = provider.shutdown() {
         eprintln!("error: meter provider shutdown: {e}");
-    }
-    if let Err(e) = served {
-        eprintln!("error: server failed: {e}");
-        std::process::exit(1);
     }
 }
 

@@ -5,6 +5,8 @@
 #[path = "../examples/service_builder/app.rs"]
 mod app;
 mod common;
+#[path = "../examples/common/serve.rs"]
+mod serve;
 
 use common::client::{fetch, fetch_request, http1, HttpClient};
 use common::parse_exposition;
@@ -33,7 +35,7 @@ async fn start(jemalloc: JemallocLayer) -> (SocketAddr, Arc<Mutex<Vec<String>>>)
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(app::serve(
+    tokio::spawn(serve::serve(
         listener,
         service,
         std::future::pending(),
@@ -176,4 +178,19 @@ async fn the_outer_trace_layer_sees_scrapes_and_purges() {
             .any(|line| line.starts_with("  -> 405 Method Not Allowed in ")),
         "the layer's own 405 is logged: {log:#?}"
     );
+}
+
+/// The examples' connections time out when nothing moves, and not while bytes flow.
+#[tokio::test]
+async fn idle_connections_time_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client, server) = tokio::io::duplex(64);
+    let mut idle = serve::IdleTimeout::new(server, Duration::from_millis(200));
+    client.write_all(b"ping").await.unwrap();
+    let mut buf = [0; 4];
+    idle.read_exact(&mut buf).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = idle.read(&mut buf).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    assert!(started.elapsed() >= Duration::from_millis(150));
 }

@@ -3,6 +3,8 @@
 //! example with `#[path = "common/mod.rs"] mod common;`.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder};

@@ -7,12 +7,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::{BoxError, Service, ServiceBuilder};
@@ -110,47 +105,4 @@ pub fn stack(
         // would skip the already-encoded exposition but also compress the purge report.
         .layer(CompressionLayer::new())
         .service_fn(handler)
-}
-
-/// Serves `service` on `listener` (HTTP/1.1 and HTTP/2) until `shutdown` completes, then
-/// gives open connections up to `grace` to finish.
-pub async fn serve<S, B>(
-    listener: tokio::net::TcpListener,
-    service: S,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let http = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _peer)) = accepted else {
-                    // Out of file descriptors and the like: back off rather than spin.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let connection = http
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    // A client going away mid-request is not the server's problem.
-                    let _ = connection.await;
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
 }

@@ -47,5 +47,5 @@ async fn main() {
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down");
     };
-    app::serve(listener, service, shutdown, Duration::from_secs(10)).await;
+    common::serve::serve(listener, service, shutdown, Duration::from_secs(10)).await;
 }
