@@ -150,10 +150,12 @@ fuzz_target!(|input: Input<'_>| {
             StatusCode::CONFLICT,
             StatusCode::TOO_MANY_REQUESTS,
         ]),
+        // 400: a bad parameter or two Authorization headers; 429: the stats rate limit.
         "/debug/jemalloc/stats" if method == Method::GET || method == Method::HEAD => Some(&[
             StatusCode::OK,
             StatusCode::BAD_REQUEST,
             StatusCode::UNAUTHORIZED,
+            StatusCode::TOO_MANY_REQUESTS,
         ]),
         "/metrics" | "/debug/jemalloc/purge" | "/debug/jemalloc/stats" => {
             Some(&[StatusCode::METHOD_NOT_ALLOWED])

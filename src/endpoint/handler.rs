@@ -30,7 +30,8 @@ pub(crate) trait Handler: Send + Sync + Sized + 'static {
     fn new(context: &Context<'_>) -> Self;
     /// Reads the request's parameters, or answers why not (400).
     fn params(&self, parts: &Parts) -> Result<Self::Params, Answer>;
-    /// Checks availability and starts (or joins) the job, or answers why not.
+    /// Checks availability and starts (or joins) the job; `Err` is the answer given without
+    /// one (a refusal, or a `HEAD` that needs no job).
     fn start(&self, params: &Self::Params) -> Result<Job<Self::Output>, Answer>;
     /// The answer for a finished job.
     fn answer(output: &Self::Output, params: &Self::Params) -> Answer;

@@ -54,7 +54,8 @@ macro_rules! endpoints {
         /// generic methods ([`path`](crate::JemallocLayerBuilder::path),
         /// [`without`](crate::JemallocLayerBuilder::without),
         /// [`bearer_token`](crate::JemallocLayerBuilder::bearer_token),
-        /// [`authorize`](crate::JemallocLayerBuilder::authorize)).
+        /// [`authorize`](crate::JemallocLayerBuilder::authorize),
+        /// [`allow_anonymous`](crate::JemallocLayerBuilder::allow_anonymous)).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[non_exhaustive]
         pub enum Endpoint {
