@@ -163,12 +163,8 @@ impl JemallocLayerBuilder {
     }
 
     fn endpoint(&mut self, endpoint: Endpoint) -> &mut EndpointConfig {
-        let (_, config) = self
-            .endpoints
-            .iter_mut()
-            .find(|(e, _)| *e == endpoint)
-            .expect("every endpoint has a configuration");
-        config
+        let index = position(endpoint);
+        &mut self.endpoints[index].1
     }
 
     /// Serves `endpoint` on `path` instead of its default (see [`Endpoint::default_path`]).
@@ -457,11 +453,16 @@ impl JemallocLayerBuilder {
     }
 
     fn config(&self, endpoint: Endpoint) -> &EndpointConfig {
-        self.endpoints
-            .iter()
-            .find_map(|(e, config)| (*e == endpoint).then_some(config))
-            .expect("every endpoint has a configuration")
+        &self.endpoints[position(endpoint)].1
     }
+}
+
+/// Where `endpoint` is in [`Endpoint::ALL`], and so in the builder's list of configurations.
+fn position(endpoint: Endpoint) -> usize {
+    Endpoint::ALL
+        .iter()
+        .position(|e| *e == endpoint)
+        .expect("every endpoint is in Endpoint::ALL")
 }
 
 /// The access rules of `endpoint` from `config`, its token checked.

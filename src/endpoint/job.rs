@@ -45,15 +45,17 @@ impl<T: Send + Sync + 'static> Job<T> {
         run(runner, move || {
             sender.send_replace(Some(Arc::new(work())));
         })?;
-        Ok(Self { result, hold: None })
+        Ok(Self::watching(result))
+    }
+
+    /// The job whose result `result` will receive.
+    fn watching(result: Slot<T>) -> Self {
+        Self { result, hold: None }
     }
 
     /// A job whose result is already known.
     fn done(result: Arc<T>) -> Self {
-        Self {
-            result: watch::channel(Some(result)).1,
-            hold: None,
-        }
+        Self::watching(watch::channel(Some(result)).1)
     }
 
     /// Keeps `value` alive until the request is answered.
@@ -155,10 +157,7 @@ impl<T: Send + Sync + 'static> Flight<T> {
         let (sender, generation) = {
             let mut state = self.lock();
             if let Some(running) = &state.running {
-                return Ok(Job {
-                    result: running.clone(),
-                    hold: None,
-                });
+                return Ok(Job::watching(running.clone()));
             }
             if let Some((finished, result)) = &state.last {
                 if finished.elapsed() < self.reuse_window {
@@ -184,17 +183,14 @@ impl<T: Send + Sync + 'static> Flight<T> {
             landing.land(Some(&output));
             sender.send_replace(Some(output));
         })?;
-        Ok(Job { result, hold: None })
+        Ok(Job::watching(result))
     }
 
     /// The job in progress, or a result within the reuse window, without starting anything.
     pub(crate) fn peek(&self) -> Option<Job<T>> {
         let state = self.lock();
         if let Some(running) = &state.running {
-            return Some(Job {
-                result: running.clone(),
-                hold: None,
-            });
+            return Some(Job::watching(running.clone()));
         }
         let (finished, result) = state.last.as_ref()?;
         (finished.elapsed() < self.reuse_window).then(|| Job::done(Arc::clone(result)))

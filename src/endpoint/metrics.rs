@@ -25,10 +25,7 @@ use super::handler::{Context, Handler};
 use super::job::{Flight, Job, Runner};
 use super::response::{self, Answer};
 use crate::exposition::{Render, Renderer, CONTENT_TYPE};
-use bytes::Bytes;
-use http::header::{
-    HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, VARY,
-};
+use http::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, VARY};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
@@ -123,12 +120,7 @@ impl Handler for Metrics {
         } else {
             render.text()
         };
-        let length = body.len();
-        let mut answer = Response::new(Full::new(if scrape.head {
-            Bytes::new()
-        } else {
-            body.clone()
-        }));
+        let mut answer = Response::new(Full::new(body.clone()));
         let headers = answer.headers_mut();
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -141,7 +133,7 @@ impl Handler for Metrics {
             headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
         if scrape.head {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+            return response::without_body(answer);
         }
         answer
     }

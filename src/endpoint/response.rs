@@ -62,6 +62,19 @@ pub(crate) fn json(value: &impl serde::Serialize) -> Answer {
     }
 }
 
+/// The answer to a `HEAD`: the same status and headers, with `Content-Length` saying how
+/// long the body a `GET` gets is, and no body.
+pub(crate) fn without_body(mut answer: Answer) -> Answer {
+    let length = http_body::Body::size_hint(answer.body())
+        .exact()
+        .unwrap_or(0);
+    *answer.body_mut() = Full::default();
+    answer
+        .headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+    answer
+}
+
 /// 405 naming the methods `path` accepts, with the matching `Allow` header.
 pub(crate) fn method_not_allowed(allow: &'static str, path: &str) -> Answer {
     let mut response = text(

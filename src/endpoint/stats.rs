@@ -31,10 +31,9 @@ use crate::jemalloc::ctl::{Ctl, PrintOptions};
 use crate::jemalloc::dump::dump;
 use crate::jemalloc::{JemallocError, StatsSummary};
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH};
+use http::header::HeaderValue;
 use http::request::Parts;
 use http::{Method, StatusCode};
-use http_body_util::Full;
 use opentelemetry::metrics::Counter;
 use opentelemetry::KeyValue;
 use serde::Serialize;
@@ -185,7 +184,7 @@ impl Handler for Stats {
     }
 
     fn answer(dumped: &Dumped, request: &Request) -> Answer {
-        let mut answer = match dumped {
+        let answer = match dumped {
             Dumped::Json(body) => response::with_body(
                 StatusCode::OK,
                 HeaderValue::from_static(Format::Json.content_type()),
@@ -206,13 +205,7 @@ impl Handler for Stats {
             Dumped::Failed(e) => response::jemalloc_error(e),
         };
         if request.head {
-            let length = http_body::Body::size_hint(answer.body())
-                .exact()
-                .unwrap_or(0);
-            *answer.body_mut() = Full::default();
-            answer
-                .headers_mut()
-                .insert(CONTENT_LENGTH, HeaderValue::from(length));
+            return response::without_body(answer);
         }
         answer
     }
