@@ -194,3 +194,24 @@ async fn idle_connections_time_out() {
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
     assert!(started.elapsed() >= Duration::from_millis(150));
 }
+
+/// The idle-timeout wrapper keeps the socket's vectored writes, so hyper does not copy each
+/// response body into a per-connection buffer (which would keep the size of the largest answer).
+#[tokio::test]
+async fn idle_timeout_keeps_vectored_writes() {
+    use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut server, _) = listener.accept().await.unwrap();
+    assert!(client.is_write_vectored());
+    let mut client = serve::IdleTimeout::new(client, Duration::from_secs(5));
+    assert!(client.is_write_vectored());
+    let parts = [std::io::IoSlice::new(b"head "), std::io::IoSlice::new(b"body")];
+    let written = client.write_vectored(&parts).await.unwrap();
+    client.write_all(&b"head body"[written..]).await.unwrap();
+    let mut buf = [0; 9];
+    server.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"head body");
+}
