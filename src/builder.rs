@@ -436,10 +436,15 @@ impl JemallocLayerBuilder {
         // Without jemalloc the gauges are left out; `ctl` has logged why, once.
         let _ = crate::jemalloc::instruments::register_instruments(&meter);
 
+        let zero_histograms: Vec<_> = paths
+            .iter()
+            .flat_map(|(endpoint, ..)| endpoint.zero_histograms().iter().copied())
+            .collect();
         let context = Context {
             registry: &registry,
             meter: &meter,
             settings: &self.settings,
+            zero_histograms: &zero_histograms,
         };
         let routes = paths
             .into_iter()

@@ -229,12 +229,51 @@ async fn head_on_stats_runs_no_dump_when_none_is_held() {
     );
 }
 
+/// The value of `name{mode="<mode>"}`.
+fn by_mode(exposition: &Exposition, name: &str, mode: &str) -> Option<f64> {
+    exposition
+        .samples
+        .iter()
+        .find(|s| s.name == name && s.labels.get("mode").map(String::as_str) == Some(mode))
+        .map(|s| s.value)
+}
+
 #[tokio::test]
-async fn purge_counters_are_exported_at_zero_before_any_purge() {
-    let mut service = service(JemallocLayer::builder().namespace("restate"));
+async fn purge_telemetry_is_exported_at_zero_before_any_purge() {
+    let mut service = service(
+        JemallocLayer::builder()
+            .namespace("restate")
+            .allow_anonymous(Endpoint::Purge),
+    );
     let answer = send(&mut service, request("GET", "/metrics")).await;
     let exposition = parse_exposition(answer.text());
+    assert_eq!(
+        exposition.types["restate_jemalloc_purge_duration_seconds"],
+        "histogram"
+    );
     for mode in ["purge", "decay"] {
+        for suffix in ["count", "sum"] {
+            let name = format!("restate_jemalloc_purge_duration_seconds_{suffix}");
+            assert_eq!(
+                by_mode(&exposition, &name, mode),
+                Some(0.0),
+                "{name} {mode}"
+            );
+        }
+        let buckets = exposition.samples.iter().filter(|s| {
+            s.name == "restate_jemalloc_purge_duration_seconds_bucket"
+                && s.labels.get("mode").map(String::as_str) == Some(mode)
+        });
+        // 12 bounds and +Inf, every one at 0, with the labels a measured series has.
+        assert_eq!(
+            buckets
+                .inspect(|s| {
+                    assert_eq!(s.value, 0.0);
+                    assert_eq!(s.labels["otel_scope_name"], "tower-jemalloc");
+                })
+                .count(),
+            13
+        );
         for result in ["ok", "error"] {
             let found = exposition.samples.iter().find(|s| {
                 s.name == "restate_jemalloc_purges_total"
@@ -243,12 +282,32 @@ async fn purge_counters_are_exported_at_zero_before_any_purge() {
             });
             assert_eq!(found.map(|s| s.value), Some(0.0), "{mode} {result}");
         }
-        let released = exposition.samples.iter().find(|s| {
-            s.name == "restate_jemalloc_purge_released_bytes_total"
-                && s.labels.get("mode").map(String::as_str) == Some(mode)
-        });
-        assert_eq!(released.map(|s| s.value), Some(0.0), "{mode}");
+        let released = "restate_jemalloc_purge_released_bytes_total";
+        assert_eq!(by_mode(&exposition, released, mode), Some(0.0), "{mode}");
     }
+
+    // After a decay purge, its series counts it and the purge mode's stays at zero.
+    let purge = send(
+        &mut service,
+        request("POST", "/debug/jemalloc/purge?mode=decay"),
+    )
+    .await;
+    assert_eq!(purge.status, StatusCode::OK, "{}", purge.text());
+    let answer = send(&mut service, request("GET", "/metrics")).await;
+    let exposition = parse_exposition(answer.text());
+    let count = "restate_jemalloc_purge_duration_seconds_count";
+    assert_eq!(by_mode(&exposition, count, "decay"), Some(1.0));
+    assert_eq!(by_mode(&exposition, count, "purge"), Some(0.0));
+    assert_eq!(
+        exposition
+            .samples
+            .iter()
+            .filter(|s| s.name == count)
+            .count(),
+        2,
+        "one series per mode, none twice: {}",
+        answer.text()
+    );
 }
 
 /// 256 scrapes at once: none gets a 503 with the default limit.

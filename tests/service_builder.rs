@@ -208,7 +208,10 @@ async fn idle_timeout_keeps_vectored_writes() {
     assert!(client.is_write_vectored());
     let mut client = serve::IdleTimeout::new(client, Duration::from_secs(5));
     assert!(client.is_write_vectored());
-    let parts = [std::io::IoSlice::new(b"head "), std::io::IoSlice::new(b"body")];
+    let parts = [
+        std::io::IoSlice::new(b"head "),
+        std::io::IoSlice::new(b"body"),
+    ];
     let written = client.write_vectored(&parts).await.unwrap();
     client.write_all(&b"head body"[written..]).await.unwrap();
     let mut buf = [0; 9];

@@ -4,6 +4,7 @@
 use super::job::Job;
 use super::response::{Answer, Reply};
 use super::settings::Settings;
+use crate::exposition::ZeroHistogram;
 use http::request::Parts;
 use http::Method;
 use opentelemetry::metrics::Meter;
@@ -21,6 +22,9 @@ pub(crate) trait Handler: Send + Sync + Sized + 'static {
     /// The query parameter names it accepts; any other is a 400 naming these. `None`: not
     /// checked (`/metrics`, where Prometheus's scrape `params` may add some).
     const PARAMS: Option<&'static [&'static str]> = Some(&[]);
+    /// Histograms of its telemetry that `/metrics` writes at zero until their first
+    /// measurement, so that they have series from the start.
+    const ZERO_HISTOGRAMS: &'static [ZeroHistogram] = &[];
     /// What a request asks for.
     type Params: Send + 'static;
     /// What the job produces; shared by every request that waited for the same job.
@@ -42,6 +46,8 @@ pub(crate) struct Context<'a> {
     pub(crate) registry: &'a prometheus::Registry,
     pub(crate) meter: &'a Meter,
     pub(crate) settings: &'a Settings,
+    /// The [`Handler::ZERO_HISTOGRAMS`] of every endpoint the layer serves.
+    pub(crate) zero_histograms: &'a [ZeroHistogram],
 }
 
 /// The pipeline after admission, for one kind of handler.

@@ -64,7 +64,10 @@ impl Handler for Metrics {
     fn new(context: &Context<'_>) -> Self {
         let settings = context.settings;
         Self {
-            renderer: Arc::new(Renderer::new(context.registry.clone())),
+            renderer: Arc::new(Renderer::new(
+                context.registry.clone(),
+                context.zero_histograms.to_vec(),
+            )),
             renders: Arc::new(Flight::new(settings.scrape_reuse_window)),
             gzip: settings.gzip,
             limit: settings.max_concurrent_scrapes,

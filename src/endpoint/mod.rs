@@ -39,6 +39,7 @@ pub use settings::{
     DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
 };
 
+use crate::exposition::ZeroHistogram;
 use handler::{Handler, Respond};
 use http::request::Parts;
 use http::Method;
@@ -101,6 +102,11 @@ macro_rules! endpoints {
             /// The query parameter names it accepts (`None`: not checked).
             fn params(self) -> Option<&'static [&'static str]> {
                 match self { $(Self::$variant => <$handler as Handler>::PARAMS,)* }
+            }
+
+            /// The histograms of its telemetry written at zero until measured.
+            pub(crate) fn zero_histograms(self) -> &'static [ZeroHistogram] {
+                match self { $(Self::$variant => <$handler as Handler>::ZERO_HISTOGRAMS,)* }
             }
 
             fn handler(self, context: &Context<'_>) -> Box<dyn Respond> {

@@ -13,6 +13,7 @@ use super::handler::{Context, Handler};
 use super::job::{Job, Runner};
 use super::query;
 use super::response::{self, Answer};
+use crate::exposition::ZeroHistogram;
 use crate::jemalloc::purge::PurgeGuard;
 use crate::jemalloc::{JemallocError, PurgeMode, PurgeReport};
 use http::request::Parts;
@@ -34,6 +35,7 @@ impl Handler for Purge {
     const METHODS: &'static [Method] = &[Method::POST, Method::PUT];
     const ALLOW: &'static str = "POST, PUT";
     const PARAMS: Option<&'static [&'static str]> = Some(&["mode"]);
+    const ZERO_HISTOGRAMS: &'static [ZeroHistogram] = &[DURATION_AT_ZERO];
     type Params = PurgeMode;
     type Output = Purged;
 
@@ -109,6 +111,26 @@ impl Purge {
     }
 }
 
+/// The bucket bounds of the purge duration histogram, in seconds.
+const DURATION_BOUNDS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The help text of the purge duration histogram.
+const DURATION_HELP: &str = "Time the purge call took";
+
+/// The purge duration histogram at zero for every mode until that mode's first purge, beside
+/// `…_jemalloc_purges_total` (which has every series from the start).
+const DURATION_AT_ZERO: ZeroHistogram = ZeroHistogram {
+    beside: "jemalloc_purges_total",
+    beside_attributes: &["mode", "result"],
+    name: "jemalloc_purge_duration_seconds",
+    help: DURATION_HELP,
+    attribute: "mode",
+    values: &PurgeMode::NAMES,
+    bounds: DURATION_BOUNDS,
+};
+
 /// Purge metrics, recorded through the layer's meter: `jemalloc.purges` (attributes `result`
 /// = `ok`|`error` and `mode`), `jemalloc.purge.duration` (seconds, `mode`) and
 /// `jemalloc.purge.released` (bytes, `mode`), exported as `…_jemalloc_purges_total`,
@@ -123,8 +145,8 @@ struct PurgeTelemetry {
 impl PurgeTelemetry {
     /// The instruments, with every counter series present at 0 from the start, so that an
     /// alert on `jemalloc_purges_total{result="error"}` has a series to watch before the first
-    /// purge. (The duration histogram has no series until a purge: OpenTelemetry cannot
-    /// export a histogram without a measurement.)
+    /// purge. OpenTelemetry exports no histogram series without a measurement, so the
+    /// duration histogram's are written at zero by `/metrics` ([`DURATION_AT_ZERO`]).
     fn new(meter: &Meter) -> Self {
         let telemetry = Self::instruments(meter);
         for mode in PurgeMode::ALL {
@@ -147,10 +169,8 @@ impl PurgeTelemetry {
             duration: meter
                 .f64_histogram("jemalloc.purge.duration")
                 .with_unit("s")
-                .with_description("Time the purge call took")
-                .with_boundaries(vec![
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ])
+                .with_description(DURATION_HELP)
+                .with_boundaries(DURATION_BOUNDS.to_vec())
                 .build(),
             released: meter
                 .u64_counter("jemalloc.purge.released")

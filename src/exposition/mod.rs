@@ -2,6 +2,9 @@
 //! once, whoever asks. Knows nothing of HTTP; the metrics endpoint serves what it renders.
 
 mod encode;
+mod zero;
+
+pub(crate) use zero::ZeroHistogram;
 
 use bytes::Bytes;
 use std::io::Write;
@@ -15,6 +18,8 @@ pub(crate) const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
 #[derive(Debug)]
 pub(crate) struct Renderer {
     registry: prometheus::Registry,
+    /// Histograms written at zero until their first measurement.
+    zero: Vec<ZeroHistogram>,
     /// The size of the last render, so a large exposition is not regrown (and copied) a dozen
     /// times on every scrape.
     last_len: AtomicUsize,
@@ -28,16 +33,20 @@ pub(crate) struct Render {
 }
 
 impl Renderer {
-    pub(crate) fn new(registry: prometheus::Registry) -> Self {
+    pub(crate) fn new(registry: prometheus::Registry, zero: Vec<ZeroHistogram>) -> Self {
         Self {
             registry,
+            zero,
             last_len: AtomicUsize::new(0),
         }
     }
 
     /// Gathers the registry (which runs every observable callback) and encodes it. Blocking.
     pub(crate) fn render(&self) -> Result<Render, String> {
-        let families = self.registry.gather();
+        let mut families = self.registry.gather();
+        for histogram in &self.zero {
+            histogram.fill(&mut families);
+        }
         let last = self.last_len.load(Ordering::Relaxed);
         let mut text = String::with_capacity((last + last / 8).max(4096));
         encode::encode(&families, &mut text).map_err(|e| format!("cannot encode metrics: {e}"))?;

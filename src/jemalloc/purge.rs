@@ -30,7 +30,7 @@ pub enum PurgeMode {
 
 impl PurgeMode {
     /// The name used in `?mode=` and in the report: `"purge"` or `"decay"`.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::Purge => "purge",
             Self::Decay => "decay",
@@ -39,6 +39,9 @@ impl PurgeMode {
 
     /// Every mode, in the order the docs list them.
     pub(crate) const ALL: [Self; 2] = [Self::Purge, Self::Decay];
+
+    /// The names of [`ALL`](Self::ALL).
+    pub(crate) const NAMES: [&'static str; 2] = [Self::ALL[0].as_str(), Self::ALL[1].as_str()];
 }
 
 impl std::str::FromStr for PurgeMode {
