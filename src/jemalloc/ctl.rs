@@ -303,6 +303,73 @@ mod imp {
         }
     }
 
+    /// The heap profiler's controls (`opt.prof`, `prof.*`): only in builds with the
+    /// `profiling` feature, where jemalloc has them.
+    #[cfg(profiling)]
+    impl Ctl {
+        /// `opt.prof`: whether jemalloc was started with its profiler (`prof:true`). Without
+        /// it, every other `prof.*` call fails.
+        pub(crate) fn prof_started(&self) -> Result<bool, JemallocError> {
+            tikv_jemalloc_ctl::profiling::prof::read().map_err(err("opt.prof"))
+        }
+
+        /// `prof.active`: whether allocations are being sampled now.
+        pub(crate) fn prof_active(&self) -> Result<bool, JemallocError> {
+            b"prof.active\0".name().read().map_err(err("prof.active"))
+        }
+
+        /// Writes `prof.active`.
+        pub(crate) fn set_prof_active(&self, active: bool) -> Result<(), JemallocError> {
+            fault("prof.active")?;
+            b"prof.active\0"
+                .name()
+                .write(active)
+                .map_err(err("prof.active"))
+        }
+
+        /// `prof.lg_sample`: the mean interval between samples is 2^this bytes.
+        pub(crate) fn prof_lg_sample(&self) -> Result<u32, JemallocError> {
+            let lg: usize = b"prof.lg_sample\0"
+                .name()
+                .read()
+                .map_err(err("prof.lg_sample"))?;
+            Ok(lg as u32)
+        }
+
+        /// `prof.reset`: forgets every sample taken so far and samples every 2^`lg_sample`
+        /// bytes from now on.
+        pub(crate) fn prof_reset(&self, lg_sample: u32) -> Result<(), JemallocError> {
+            fault("prof.reset")?;
+            b"prof.reset\0"
+                .name()
+                .write(lg_sample as usize)
+                .map_err(err("prof.reset"))
+        }
+
+        /// `prof.dump` into a private temporary file whose name is already removed: the
+        /// open file, to read the profile from. The temporary file and the `prof.dump` call
+        /// are jemalloc_pprof's (its process-wide handle, so that an application using it
+        /// directly takes turns with this crate). Blocks; must not run on an async worker.
+        pub(crate) fn prof_dump(&self) -> Result<std::fs::File, JemallocError> {
+            fault("prof.dump")?;
+            let handle =
+                jemalloc_pprof::PROF_CTL
+                    .as_ref()
+                    .ok_or_else(|| JemallocError::Mallctl {
+                        key: "prof.dump",
+                        reason: "jemalloc was started without its profiler (opt.prof is false)"
+                            .to_owned(),
+                    })?;
+            handle
+                .blocking_lock()
+                .dump()
+                .map_err(|e| JemallocError::Mallctl {
+                    key: "prof.dump",
+                    reason: format!("{e:#}"),
+                })
+        }
+    }
+
     /// tikv-jemalloc-ctl's string reads keep jemalloc's C terminator.
     fn trim_nul(s: &'static str) -> &'static str {
         s.trim_end_matches('\0')

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 /// Registers the jemalloc gauges on `meter`: one byte gauge (unit `By`) per figure of
 /// [`JemallocStats`] plus
 /// `jemalloc.arenas`, `jemalloc.background_threads` (1 or 0) and `jemalloc.info` (1, with the
-/// jemalloc version as the `version` attribute).
+/// jemalloc version as the `version` attribute); with the `profiling` feature and jemalloc
+/// started with its profiler, also `jemalloc.profiling.active` (1 or 0) and
+/// `jemalloc.profiling.sample_interval` (bytes).
 ///
 /// The gauges are read from jemalloc when the meter provider collects (on each Prometheus
 /// scrape, or each export of a periodic reader), with one epoch advance per collection. With
@@ -94,7 +96,39 @@ pub fn register_instruments(meter: &Meter) -> Result<(), JemallocError> {
         .with_description("jemalloc's version as a label; always 1")
         .with_callback(move |observer| observer.observe(1, &[KeyValue::new("version", version)]))
         .build();
+    #[cfg(profiling)]
+    register_profiling(meter, ctl);
     Ok(())
+}
+
+/// `jemalloc.profiling.active` (1 or 0) and `jemalloc.profiling.sample_interval` (bytes), in
+/// builds with the heap profiler; left out while jemalloc runs without it (`prof:false`).
+#[cfg(profiling)]
+fn register_profiling(meter: &Meter, ctl: &'static super::ctl::Ctl) {
+    let started = move || ctl.prof_started().unwrap_or(false);
+    let _active = meter
+        .u64_observable_gauge("jemalloc.profiling.active")
+        .with_description("1 while jemalloc's heap profiler samples allocations, 0 when not")
+        .with_callback(move |observer| {
+            if let (true, Ok(active)) = (started(), ctl.prof_active()) {
+                observer.observe(u64::from(active), &[]);
+            }
+        })
+        .build();
+    let _interval = meter
+        .u64_observable_gauge("jemalloc.profiling.sample_interval")
+        .with_unit("By")
+        .with_description(
+            "Mean bytes allocated between two heap profile samples (2^prof.lg_sample)",
+        )
+        .with_callback(move |observer| {
+            if let (true, Ok(lg)) = (started(), ctl.prof_lg_sample()) {
+                if let Some(bytes) = 1u64.checked_shl(lg) {
+                    observer.observe(bytes, &[]);
+                }
+            }
+        })
+        .build();
 }
 
 /// The snapshot the figure gauges' callbacks of one registration share.

@@ -5,6 +5,7 @@
 //! - [`instruments`]: the figures as OpenTelemetry observable gauges.
 //! - [`dump`]: `malloc_stats_print` into memory, capped.
 //! - [`purge`]: returning unused pages to the OS, one purge at a time.
+//! - [`profiling`]: the heap profiler switched on and off, its dumps as pprof or flame graphs.
 //! - [`summary`]: jemalloc's configuration and a plain-language reading of the figures.
 
 pub(crate) mod ctl;
@@ -14,10 +15,12 @@ mod error;
 pub(crate) mod fault;
 pub(crate) mod figures;
 pub(crate) mod instruments;
+pub(crate) mod profiling;
 pub(crate) mod purge;
 pub(crate) mod summary;
 
 pub use error::JemallocError;
 pub use figures::JemallocStats;
+pub use profiling::{ProfilingChange, ProfilingStatus};
 pub use purge::{purge_all_arenas, PurgeError, PurgeMode, PurgeReport, UnknownPurgeMode};
 pub use summary::{BackgroundThread, MallocConf, Ratios, StatsSummary};

@@ -1,0 +1,462 @@
+//! Heap profiling: jemalloc's sampling profiler switched on and off, and its heap dumps as
+//! symbolized pprof or SVG flame graphs (through Polar Signals' `jemalloc_pprof`).
+//!
+//! jemalloc samples one allocation every 2^`lg_sample` bytes on average (512 KiB by default)
+//! and records its stack; a dump lists, per stack, the sampled objects still live, scaled up
+//! to an estimate of the bytes that stack holds. Three conditions, each its own answer:
+//! the profiler compiled in (the `profiling` feature), started (`prof:true` in jemalloc's
+//! options, read once at start-up) and active (`prof.active`, switchable at run time).
+
+use super::JemallocError;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// The sampling intervals [`set_sampling`] accepts, as 2^N bytes: 4 KiB to 1 GiB.
+pub(crate) const LG_SAMPLE_RANGE: std::ops::RangeInclusive<u32> = 12..=30;
+
+/// The longest `for=` a switch-on may have: profiling left on by accident is what it prevents.
+pub(crate) const MAX_ACTIVE_FOR: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How to start jemalloc with its profiler, for the answers that say it is not.
+pub(crate) const HOW_TO_START: &str = "start the process with the environment variable \
+     _RJEM_MALLOC_CONF=prof:true,prof_active:false, or build the options into the binary: \
+     #[export_name = \"_rjem_malloc_conf\"] static MALLOC_CONF: &[u8] = \
+     b\"prof:true,prof_active:false\\0\";";
+
+/// The state of jemalloc's heap profiler: the JSON of `GET /debug/jemalloc/profiling`, and the
+/// `before` and `after` of a `PUT`.
+///
+/// ```json
+/// {"available":true,"active":false,"lg_sample":19,"sample_interval_bytes":524288}
+/// ```
+///
+/// `available` is whether jemalloc was started with its profiler (`prof:true`); without it
+/// the other figures are left out and `how_to_enable` says what to do. `switches_off_in_seconds`
+/// is there while a switch-on with `for=` runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ProfilingStatus {
+    /// jemalloc was started with its profiler (`opt.prof`).
+    pub available: bool,
+    /// Allocations are being sampled now (`prof.active`).
+    pub active: bool,
+    /// The mean interval between samples is 2^this bytes (`prof.lg_sample`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lg_sample: Option<u32>,
+    /// The mean interval between samples, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_interval_bytes: Option<u64>,
+    /// Profiling switches itself off in this many seconds (rounded up), as a `for=` asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switches_off_in_seconds: Option<u64>,
+    /// When not available: how to start jemalloc with its profiler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub how_to_enable: Option<String>,
+}
+
+/// What a change did: the profiler's state before and after it (the JSON of
+/// `PUT /debug/jemalloc/profiling`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ProfilingChange {
+    /// Before the change.
+    pub before: ProfilingStatus,
+    /// After it.
+    pub after: ProfilingStatus,
+}
+
+/// Why a heap profile cannot be had, or the profiler not changed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[cfg_attr(not(profiling), allow(dead_code))]
+pub(crate) enum ProfilingError {
+    /// jemalloc itself cannot be used (not compiled in, not the global allocator, a failed
+    /// call).
+    #[error(transparent)]
+    Jemalloc(#[from] JemallocError),
+    /// jemalloc is there, its profiler is not compiled in.
+    #[cfg_attr(profiling, allow(dead_code))]
+    #[error(
+        "heap profiling is not compiled in: build with `--features profiling` \
+         (tower-jemalloc's profiling feature)"
+    )]
+    NotCompiled,
+    /// Compiled in, but jemalloc was started without `prof:true`.
+    #[error("jemalloc was started without its heap profiler (opt.prof is false): {HOW_TO_START}")]
+    NotStarted,
+    /// Started, but not sampling.
+    #[error("heap profiling is inactive, so no profile is being taken: activate it with {0}")]
+    Inactive(String),
+    /// The dump is larger than the cap.
+    #[error(
+        "the jemalloc heap dump is {size} bytes, over the cap of {cap} bytes; \
+         raise it with heap_profile_max_bytes"
+    )]
+    TooLarge {
+        /// The dump's size.
+        size: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// The dump could not be read or converted.
+    #[error("the heap profile could not be made: {0}")]
+    Failed(String),
+}
+
+/// The answer formats of a heap profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProfileFormat {
+    /// Gzipped pprof protobuf, symbolized.
+    Pprof,
+    /// An SVG flame graph.
+    Flamegraph,
+}
+
+impl ProfileFormat {
+    /// Its name in `?format=` and in telemetry.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pprof => "pprof",
+            Self::Flamegraph => "flamegraph",
+        }
+    }
+
+    /// Every format.
+    pub(crate) const ALL: [Self; 2] = [Self::Pprof, Self::Flamegraph];
+
+    /// The names of [`ALL`](Self::ALL).
+    pub(crate) const NAMES: [&'static str; 2] = [Self::ALL[0].as_str(), Self::ALL[1].as_str()];
+}
+
+pub(crate) use imp::{heap_profile, ready, set_active, set_sampling, status};
+
+#[cfg(profiling)]
+mod imp {
+    use super::{ProfileFormat, ProfilingError, ProfilingStatus, HOW_TO_START, MAX_ACTIVE_FOR};
+    use crate::jemalloc::ctl::{ctl, Ctl};
+    use pprof_util::{FlamegraphOptions, StackProfile, WeightedStack};
+    use std::collections::HashMap;
+    use std::io::{BufReader, Read};
+    use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+    use std::time::{Duration, Instant};
+
+    /// The controller, with jemalloc's profiler started.
+    fn started() -> Result<&'static Ctl, ProfilingError> {
+        let ctl = ctl()?;
+        if ctl.prof_started()? {
+            Ok(ctl)
+        } else {
+            Err(ProfilingError::NotStarted)
+        }
+    }
+
+    /// The profiler's state.
+    pub(crate) fn status() -> Result<ProfilingStatus, ProfilingError> {
+        let ctl = ctl()?;
+        let expiry = EXPIRY.lock();
+        read_status(ctl, *expiry)
+    }
+
+    fn read_status(
+        ctl: &Ctl,
+        deadline: Option<Instant>,
+    ) -> Result<ProfilingStatus, ProfilingError> {
+        if !ctl.prof_started()? {
+            return Ok(ProfilingStatus {
+                available: false,
+                active: false,
+                lg_sample: None,
+                sample_interval_bytes: None,
+                switches_off_in_seconds: None,
+                how_to_enable: Some(HOW_TO_START.to_owned()),
+            });
+        }
+        let lg_sample = ctl.prof_lg_sample()?;
+        let active = ctl.prof_active()?;
+        Ok(ProfilingStatus {
+            available: true,
+            active,
+            lg_sample: Some(lg_sample),
+            sample_interval_bytes: 1u64.checked_shl(lg_sample),
+            switches_off_in_seconds: deadline.filter(|_| active).map(|at| {
+                let left = at.saturating_duration_since(Instant::now());
+                left.as_secs() + u64::from(left.subsec_nanos() > 0)
+            }),
+            how_to_enable: None,
+        })
+    }
+
+    /// Checks that a profile can be taken now: `activate` says how to activate profiling in
+    /// the answer when it is inactive.
+    pub(crate) fn ready(activate: &str) -> Result<(), ProfilingError> {
+        if started()?.prof_active()? {
+            Ok(())
+        } else {
+            Err(ProfilingError::Inactive(activate.to_owned()))
+        }
+    }
+
+    /// Switches sampling on or off; on `for_` a duration, it switches itself off after it.
+    /// Returns the state before and after.
+    pub(crate) fn set_active(
+        active: bool,
+        for_: Option<Duration>,
+    ) -> Result<(ProfilingStatus, ProfilingStatus), ProfilingError> {
+        let ctl = started()?;
+        let mut expiry = EXPIRY.lock();
+        let before = read_status(ctl, *expiry)?;
+        ctl.set_prof_active(active)?;
+        let deadline = for_
+            .filter(|_| active)
+            .map(|d| Instant::now() + d.min(MAX_ACTIVE_FOR));
+        *expiry = deadline;
+        if deadline.is_some() {
+            EXPIRY.start_timer()?;
+        }
+        EXPIRY.wake.notify_all();
+        let after = read_status(ctl, *expiry)?;
+        Ok((before, after))
+    }
+
+    /// Forgets the samples taken so far and samples every 2^`lg_sample` bytes from now on.
+    pub(crate) fn set_sampling(
+        lg_sample: u32,
+    ) -> Result<(ProfilingStatus, ProfilingStatus), ProfilingError> {
+        let ctl = started()?;
+        let expiry = EXPIRY.lock();
+        let before = read_status(ctl, *expiry)?;
+        ctl.prof_reset(lg_sample)?;
+        let after = read_status(ctl, *expiry)?;
+        Ok((before, after))
+    }
+
+    /// The deadline of a `for=`, and the one thread (started at the first `for=`) that
+    /// switches profiling off when it passes. Process-wide, as `prof.active` is.
+    struct Expiry {
+        deadline: Mutex<Option<Instant>>,
+        wake: Condvar,
+        timer: OnceLock<Result<(), String>>,
+    }
+
+    static EXPIRY: Expiry = Expiry {
+        deadline: Mutex::new(None),
+        wake: Condvar::new(),
+        timer: OnceLock::new(),
+    };
+
+    impl Expiry {
+        fn lock(&self) -> MutexGuard<'_, Option<Instant>> {
+            self.deadline.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        fn start_timer(&'static self) -> Result<(), ProfilingError> {
+            self.timer
+                .get_or_init(|| {
+                    std::thread::Builder::new()
+                        .name("jemalloc-prof-expiry".to_owned())
+                        .spawn(move || self.run())
+                        .map(drop)
+                        .map_err(|e| format!("cannot start the profiling expiry thread: {e}"))
+                })
+                .clone()
+                .map_err(ProfilingError::Failed)
+        }
+
+        fn run(&self) {
+            let mut deadline = self.lock();
+            loop {
+                deadline = match *deadline {
+                    None => self.wake.wait(deadline).unwrap_or_else(|e| e.into_inner()),
+                    Some(at) if Instant::now() >= at => {
+                        *deadline = None;
+                        match started().and_then(|ctl| Ok(ctl.set_prof_active(false)?)) {
+                            Ok(()) => tracing::info!(
+                                "tower-jemalloc: heap profiling switched off, as asked with for="
+                            ),
+                            Err(e) => tracing::warn!(
+                                "tower-jemalloc: cannot switch heap profiling off: {e}"
+                            ),
+                        }
+                        deadline
+                    }
+                    Some(at) => {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        self.wake
+                            .wait_timeout(deadline, wait)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                };
+            }
+        }
+    }
+
+    /// One heap dump, parsed: at most `cap` bytes of jemalloc's dump are read.
+    fn dump(ctl: &Ctl, cap: u64) -> Result<StackProfile, ProfilingError> {
+        let file = ctl.prof_dump()?;
+        let size = file
+            .metadata()
+            .map_err(|e| ProfilingError::Failed(format!("cannot read the dump's size: {e}")))?
+            .len();
+        if size > cap {
+            return Err(ProfilingError::TooLarge { size, cap });
+        }
+        // `take`: the file cannot grow past the cap while it is read either.
+        let reader = BufReader::new(file.take(cap));
+        pprof_util::parse_jeheap(reader, mappings::MAPPINGS.as_deref())
+            .map_err(|e| ProfilingError::Failed(format!("cannot parse jemalloc's dump: {e:#}")))
+    }
+
+    /// `end` minus `start`, per stack: what was allocated and is still held, less what was
+    /// freed, between the two dumps. Stacks that did not change are left out.
+    fn growth(start: StackProfile, end: StackProfile) -> StackProfile {
+        let mut before: HashMap<Vec<usize>, f64> = start
+            .stacks
+            .into_iter()
+            .map(|(stack, _)| (stack.addrs, stack.weight))
+            .collect();
+        let mut profile = StackProfile {
+            mappings: end.mappings,
+            ..StackProfile::default()
+        };
+        for (stack, _) in end.stacks {
+            let weight = stack.weight - before.remove(&stack.addrs).unwrap_or(0.0);
+            if weight != 0.0 {
+                profile.push_stack(
+                    WeightedStack {
+                        addrs: stack.addrs,
+                        weight,
+                    },
+                    None,
+                );
+            }
+        }
+        for (addrs, weight) in before {
+            profile.push_stack(
+                WeightedStack {
+                    addrs,
+                    weight: -weight,
+                },
+                None,
+            );
+        }
+        profile
+    }
+
+    /// The live heap now (`window` `None`), or its growth over `window`, in `format`.
+    /// Blocks (for the window, and for the dump and its symbolization): run it off the async
+    /// workers.
+    pub(crate) fn heap_profile(
+        format: ProfileFormat,
+        window: Option<Duration>,
+        cap: u64,
+    ) -> Result<Vec<u8>, ProfilingError> {
+        let ctl = started()?;
+        let profile = match window {
+            None => dump(ctl, cap)?,
+            Some(window) => {
+                let start = dump(ctl, cap)?;
+                std::thread::sleep(window);
+                growth(start, dump(ctl, cap)?)
+            }
+        };
+        match format {
+            ProfileFormat::Pprof => {
+                Ok(profile.to_pprof(("inuse_space", "bytes"), ("space", "bytes"), None))
+            }
+            ProfileFormat::Flamegraph => {
+                let mut shown = profile;
+                // A flame graph draws sizes: only what grew (or is held) has one.
+                shown.stacks.retain(|(stack, _)| stack.weight >= 1.0);
+                let mut options = FlamegraphOptions::default();
+                options.title = match window {
+                    None => "jemalloc heap: bytes held (inuse_space)".to_owned(),
+                    Some(window) => format!(
+                        "jemalloc heap: growth over {} s (inuse_space)",
+                        window.as_secs()
+                    ),
+                };
+                options.count_name = "bytes".to_owned();
+                shown
+                    .to_flamegraph(&mut options)
+                    .map_err(|e| ProfilingError::Failed(format!("cannot draw it: {e:#}")))
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn profile(stacks: &[(&[usize], f64)]) -> StackProfile {
+            let mut profile = StackProfile::default();
+            for (addrs, weight) in stacks {
+                let stack = WeightedStack {
+                    addrs: addrs.to_vec(),
+                    weight: *weight,
+                };
+                profile.push_stack(stack, None);
+            }
+            profile
+        }
+
+        #[test]
+        fn growth_is_end_minus_start_per_stack() {
+            let start = profile(&[(&[1, 2], 100.0), (&[3], 50.0), (&[4], 7.0)]);
+            let end = profile(&[(&[1, 2], 160.0), (&[3], 50.0), (&[5], 30.0)]);
+            let mut grown: Vec<(Vec<usize>, f64)> = growth(start, end)
+                .stacks
+                .into_iter()
+                .map(|(stack, _)| (stack.addrs, stack.weight))
+                .collect();
+            grown.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(
+                grown,
+                [(vec![1, 2], 60.0), (vec![4], -7.0), (vec![5], 30.0)]
+            );
+        }
+    }
+}
+
+#[cfg(not(profiling))]
+mod imp {
+    use super::{ProfileFormat, ProfilingError, ProfilingStatus};
+    use std::time::Duration;
+
+    /// jemalloc's own answer first (not compiled in: 501; not the global allocator: 503),
+    /// then the profiler's.
+    fn not_compiled() -> ProfilingError {
+        match crate::jemalloc::ctl::ctl() {
+            Err(e) => ProfilingError::Jemalloc(e),
+            Ok(_) => ProfilingError::NotCompiled,
+        }
+    }
+
+    pub(crate) fn status() -> Result<ProfilingStatus, ProfilingError> {
+        Err(not_compiled())
+    }
+
+    pub(crate) fn ready(_: &str) -> Result<(), ProfilingError> {
+        Err(not_compiled())
+    }
+
+    pub(crate) fn set_active(
+        _: bool,
+        _: Option<Duration>,
+    ) -> Result<(ProfilingStatus, ProfilingStatus), ProfilingError> {
+        Err(not_compiled())
+    }
+
+    pub(crate) fn set_sampling(
+        _: u32,
+    ) -> Result<(ProfilingStatus, ProfilingStatus), ProfilingError> {
+        Err(not_compiled())
+    }
+
+    pub(crate) fn heap_profile(
+        _: ProfileFormat,
+        _: Option<Duration>,
+        _: u64,
+    ) -> Result<Vec<u8>, ProfilingError> {
+        Err(not_compiled())
+    }
+}
