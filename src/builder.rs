@@ -369,6 +369,13 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// The largest jemalloc heap dump the heap profile endpoint reads (default 64 MiB); a
+    /// larger one gets a 500 naming the cap. It bounds the memory a profile takes to convert.
+    pub fn heap_profile_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.settings.heap_profile_max_bytes = max_bytes;
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     ///
     /// When jemalloc's statistics cannot be read in this process (it is not the global
@@ -648,6 +655,8 @@ mod tests {
             .without_metrics()
             .without_purge()
             .without_stats()
+            .without(Endpoint::Heap)
+            .without(Endpoint::Profiling)
             .build()
             .unwrap();
         for &endpoint in Endpoint::ALL {

@@ -187,15 +187,16 @@ mod process;
 pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{
-    Endpoint, DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_METRICS_PATH, DEFAULT_PURGE_COOLDOWN,
-    DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH, DEFAULT_STATS_RATE_LIMIT,
+    Endpoint, DEFAULT_HEAP_PATH, DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_MAX_CONCURRENT_SCRAPES,
+    DEFAULT_METRICS_PATH, DEFAULT_PROFILING_PATH, DEFAULT_PURGE_COOLDOWN, DEFAULT_PURGE_PATH,
+    DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH, DEFAULT_STATS_RATE_LIMIT,
     DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use jemalloc::instruments::register_instruments;
 pub use jemalloc::{
-    purge_all_arenas, BackgroundThread, JemallocError, JemallocStats, MallocConf, PurgeError,
-    PurgeMode, PurgeReport, Ratios, StatsSummary, UnknownPurgeMode,
+    purge_all_arenas, BackgroundThread, JemallocError, JemallocStats, MallocConf, ProfilingChange,
+    ProfilingStatus, PurgeError, PurgeMode, PurgeReport, Ratios, StatsSummary, UnknownPurgeMode,
 };
 pub use layer::JemallocLayer;
 pub use process::ProcessMemory;

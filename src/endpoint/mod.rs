@@ -19,8 +19,10 @@
 
 mod access;
 mod handler;
+mod heap;
 mod job;
 mod metrics;
+mod profiling;
 mod purge;
 mod query;
 mod rate;
@@ -35,8 +37,8 @@ pub(crate) use request_body::{discard, MAX_DISCARDED_BODY};
 pub(crate) use response::Reply;
 pub(crate) use settings::Settings;
 pub use settings::{
-    DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES,
-    DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
+    DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_PURGE_COOLDOWN,
+    DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
 };
 
 use crate::exposition::ZeroHistogram;
@@ -72,7 +74,8 @@ macro_rules! endpoints {
             /// Every endpoint, in the order the layer matches paths.
             pub const ALL: &'static [Endpoint] = &[$(Self::$variant),*];
 
-            /// Its name in messages and errors: `"metrics"`, `"purge"`, `"stats"`.
+            /// Its name in messages and errors: `"metrics"`, `"purge"`, `"stats"`, `"heap"`,
+            /// `"profiling"`.
             pub fn name(self) -> &'static str {
                 match self { $(Self::$variant => $name,)* }
             }
@@ -124,6 +127,12 @@ endpoints! {
     /// `GET|HEAD /debug/jemalloc/stats`: `malloc_stats_print` with a summary.
     Stats => "stats", DEFAULT_STATS_PATH = "/debug/jemalloc/stats", stats::Stats,
         access from Purge;
+    /// `GET /debug/pprof/heap`: the heap profile, pprof or a flame graph (feature `profiling`).
+    Heap => "heap", DEFAULT_HEAP_PATH = "/debug/pprof/heap", heap::Heap,
+        access from Purge;
+    /// `GET|PUT /debug/jemalloc/profiling`: the heap profiler's state, and switching it.
+    Profiling => "profiling", DEFAULT_PROFILING_PATH = "/debug/jemalloc/profiling",
+        profiling::Profiling, access from Purge;
 }
 
 impl fmt::Display for Endpoint {

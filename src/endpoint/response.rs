@@ -1,6 +1,7 @@
 //! The responses the layer writes itself: one-line plain-text reasons, JSON, and the shared
 //! 405, `Retry-After` and jemalloc-error answers.
 
+use crate::jemalloc::profiling::ProfilingError;
 use crate::jemalloc::JemallocError;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
@@ -112,6 +113,22 @@ pub(crate) fn jemalloc_error(error: &JemallocError) -> Answer {
         JemallocError::Unsupported => StatusCode::NOT_IMPLEMENTED,
         JemallocError::NotGlobalAllocator => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    text(status, error)
+}
+
+/// The answer for a [`ProfilingError`]: jemalloc's own first ([`jemalloc_error`]), then 501
+/// when the profiler is not compiled in, 503 when jemalloc was started without it, 409 when it
+/// is inactive, 500 otherwise; the reason as plain text.
+pub(crate) fn profiling_error(error: &ProfilingError) -> Answer {
+    let status = match error {
+        ProfilingError::Jemalloc(e) => return jemalloc_error(e),
+        ProfilingError::NotCompiled => StatusCode::NOT_IMPLEMENTED,
+        ProfilingError::NotStarted => StatusCode::SERVICE_UNAVAILABLE,
+        ProfilingError::Inactive(_) => StatusCode::CONFLICT,
+        ProfilingError::TooLarge { .. } | ProfilingError::Failed(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     };
     text(status, error)
 }

@@ -22,6 +22,9 @@ pub const DEFAULT_STATS_RATE_LIMIT: u32 = 10;
 /// dump per format per second.
 pub const DEFAULT_STATS_REUSE_WINDOW: Duration = Duration::from_secs(1);
 
+/// The default cap on the size of a jemalloc heap dump (before it is converted).
+pub const DEFAULT_HEAP_PROFILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The endpoints' own settings.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -39,6 +42,8 @@ pub(crate) struct Settings {
     pub(crate) stats_reuse_window: Duration,
     /// Stats answers per second; beyond, 429.
     pub(crate) stats_rate_limit: u32,
+    /// The largest jemalloc heap dump read.
+    pub(crate) heap_profile_max_bytes: u64,
 }
 
 impl Default for Settings {
@@ -51,6 +56,7 @@ impl Default for Settings {
             stats_max_bytes: DEFAULT_STATS_MAX_BYTES,
             stats_reuse_window: DEFAULT_STATS_REUSE_WINDOW,
             stats_rate_limit: DEFAULT_STATS_RATE_LIMIT,
+            heap_profile_max_bytes: DEFAULT_HEAP_PROFILE_MAX_BYTES,
         }
     }
 }
