@@ -7,13 +7,26 @@
 //! curl -s -X POST 'localhost:9070/demo/churn?mib=512'
 //! curl -s -X POST localhost:9070/debug/jemalloc/purge
 //! ```
+//!
+//! Built with `--features profiling`, it starts with jemalloc's heap profiler available and
+//! inactive, and `POST /demo/leak?mib=N` keeps memory on purpose, for finding it in a profile
+//! (README, "Find what holds the memory"):
+//!
+//! ```text
+//! cargo run --release --example server --features profiling
+//! curl -s -X PUT 'localhost:9070/debug/jemalloc/profiling?active=true&for=15m'
+//! curl -s -X POST 'localhost:9070/demo/leak?mib=64'
+//! go tool pprof -top http://localhost:9070/debug/pprof/heap
+//! curl -s -o heap.svg 'localhost:9070/debug/pprof/heap?format=flamegraph'
+//! curl -s -X DELETE localhost:9070/demo/leak
+//! ```
 
 use axum::extract::RawQuery;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tower::Layer;
@@ -24,6 +37,13 @@ mod common;
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+
+/// jemalloc's options, read once when it starts: its heap profiler available, not sampling
+/// until switched on (`PUT /debug/jemalloc/profiling?active=true`). `_rjem_` is the prefix
+/// tikv-jemallocator gives jemalloc's symbols.
+#[cfg(feature = "profiling")]
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
 
 #[tokio::main]
 async fn main() {
@@ -37,7 +57,9 @@ async fn main() {
             get(|| async { "tower-jemalloc example server: try /metrics\n" }),
         )
         .route("/demo/churn", post(churn))
-        .with_state(Arc::new(Semaphore::new(1)));
+        .with_state(Arc::new(Semaphore::new(1)))
+        .route("/demo/leak", post(leak).delete(release))
+        .with_state(Leaked::default());
     // Wrap the whole router so /metrics answers whatever the routes are.
     let app = layer.layer(router);
 
@@ -49,6 +71,9 @@ async fn main() {
     println!("  curl -s http://{addr}/metrics | grep jemalloc");
     println!("  curl -s -X POST 'http://{addr}/demo/churn?mib=512'");
     println!("  {}", args.purge_command(addr));
+    if cfg!(feature = "profiling") {
+        println!("  heap profiling is available, inactive: README, \"Find what holds the memory\"");
+    }
 
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -126,4 +151,50 @@ fn parse_mib(query: Option<&str>) -> Result<usize, String> {
             "mib must be an integer from 1 to 4096, got {value:?}"
         )),
     }
+}
+
+/// The most `/demo/leak` keeps in total.
+const MAX_LEAKED_MIB: usize = 4096;
+
+/// What `/demo/leak` keeps: 1 MiB blocks.
+type Leaked = Arc<Mutex<Vec<Box<[u8]>>>>;
+
+/// `POST /demo/leak?mib=N`: keeps N more MiB until `DELETE /demo/leak` (at most 4096 MiB in
+/// all), and answers how much is kept.
+async fn leak(
+    axum::extract::State(leaked): axum::extract::State<Leaked>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let mib = match parse_mib(query.as_deref()) {
+        Ok(mib) => mib,
+        Err(reason) => return (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response(),
+    };
+    let mut kept = leaked.lock().unwrap_or_else(|e| e.into_inner());
+    if kept.len() + mib > MAX_LEAKED_MIB {
+        let reason = format!(
+            "{} MiB kept already: at most {MAX_LEAKED_MIB} MiB in all (DELETE /demo/leak frees it)\n",
+            kept.len()
+        );
+        return (StatusCode::CONFLICT, reason).into_response();
+    }
+    leak_memory(&mut kept, mib);
+    let json = format!("{{\"leaked_mib\":{}}}\n", kept.len());
+    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
+}
+
+/// Allocates `mib` blocks of 1 MiB, touched, and keeps them. Never inlined, so that heap
+/// profiles name it: this is the function to find in `go tool pprof -top` or a flame graph.
+#[inline(never)]
+fn leak_memory(kept: &mut Vec<Box<[u8]>>, mib: usize) {
+    for i in 0..mib {
+        let block = vec![i as u8 | 1; 1024 * 1024].into_boxed_slice();
+        kept.push(std::hint::black_box(block));
+    }
+}
+
+/// `DELETE /demo/leak`: frees everything `/demo/leak` kept.
+async fn release(axum::extract::State(leaked): axum::extract::State<Leaked>) -> Response {
+    let freed = std::mem::take(&mut *leaked.lock().unwrap_or_else(|e| e.into_inner()));
+    let json = format!("{{\"freed_mib\":{}}}\n", freed.len());
+    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
 }
