@@ -34,6 +34,9 @@ async fn debug_endpoints_are_closed_by_default_and_metrics_open() {
     for (method, path, endpoint) in [
         ("POST", "/debug/jemalloc/purge", "Purge"),
         ("GET", "/debug/jemalloc/stats", "Stats"),
+        ("GET", "/debug/pprof/heap", "Heap"),
+        ("GET", "/debug/jemalloc/profiling", "Profiling"),
+        ("PUT", "/debug/jemalloc/profiling?active=true", "Profiling"),
     ] {
         let answer = send(&mut service, request(method, path)).await;
         assert_eq!(answer.status, StatusCode::FORBIDDEN, "{path}");
