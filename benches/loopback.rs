@@ -1,8 +1,9 @@
 //! Loopback figures that need a real server: P1 passthrough throughput, P3 coalescing, P4
-//! purge isolation, P5 reclaim. Prints its figures; asserts nothing (the tests assert the
-//! behaviour).
+//! purge isolation, P5 reclaim; with `--features profiling`, the cost of sampling and of heap
+//! dumps. Prints its figures; asserts nothing (the tests assert the behaviour).
 //!
 //! `cargo bench --bench loopback [-- passthrough|coalescing|isolation|reclaim]`
+//! `cargo bench --features profiling --bench loopback -- sampling|dumps`
 
 use axum::extract::Request;
 use axum::response::IntoResponse;
@@ -21,6 +22,15 @@ use tower_jemalloc::{JemallocLayer, JemallocStats, PurgeMode};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+
+/// With the profiling feature: the profiler available, inactive until a scenario switches it.
+#[cfg(feature = "profiling")]
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
+
+#[cfg(feature = "profiling")]
+#[path = "loopback/profiling.rs"]
+mod profiling;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -45,6 +55,15 @@ fn main() {
     }
     if run("reclaim") {
         reclaim();
+    }
+    #[cfg(feature = "profiling")]
+    {
+        if run("sampling") {
+            profiling::sampling();
+        }
+        if run("dumps") {
+            profiling::dumps();
+        }
     }
 }
 
@@ -132,6 +151,27 @@ async fn load(
         all.extend(task.await.unwrap());
     }
     all
+}
+
+/// One request on a connection of its own: the status and the body.
+async fn once(addr: SocketAddr, method: http::Method, path: &str) -> (http::StatusCode, Bytes) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -353,18 +393,7 @@ fn isolation_with(workers: usize) {
             let purge = tokio::spawn(async move {
                 let path = purge_path?;
                 tokio::time::sleep(PURGE_AT).await;
-                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
-                let request = http::Request::post(path)
-                    .header("host", "127.0.0.1")
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
-                let response = sender.send_request(request).await.unwrap();
-                let body = response.into_body().collect().await.unwrap().to_bytes();
+                let (_, body) = once(addr, http::Method::POST, path).await;
                 let report: serde_json::Value = serde_json::from_slice(&body).unwrap();
                 report["duration_seconds"].as_f64()
             });
