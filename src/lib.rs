@@ -14,8 +14,14 @@
 //!   `?mode=decay` asks for the gentler `arena.<all>.decay`.
 //! - `GET /debug/jemalloc/stats`: jemalloc's `malloc_stats_print` dump (JSON with a
 //!   [`StatsSummary`] and plain-language hints, or `?format=text`).
+//! - `GET /debug/pprof/heap` and `GET|PUT /debug/jemalloc/profiling`, with the `profiling`
+//!   feature: jemalloc's heap profile as symbolized pprof (for `go tool pprof`) or an SVG
+//!   flame graph, the growth over `?seconds=N`, and switching the sampling profiler at run time
+//!   ([`ProfilingStatus`], [`ProfilingChange`]). Without the feature they answer 501; when
+//!   jemalloc was started without `prof:true`, 503 saying how (the README's "Find what holds
+//!   the memory").
 //!
-//! `/metrics` is open; the debug endpoints (purge, stats) answer 403 until they have an access
+//! `/metrics` is open; the debug endpoints (purge, stats, heap, profiling) answer 403 until they have an access
 //! rule: a bearer token, a predicate, or an explicit
 //! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
 //! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
