@@ -39,6 +39,8 @@ enum Endpointish<'a> {
     Metrics,
     Purge,
     Stats,
+    Heap,
+    Profiling,
     Prefixed(&'a str),
     Raw(&'a str),
 }
@@ -101,6 +103,8 @@ fuzz_target!(|input: Input<'_>| {
         Endpointish::Metrics => "/metrics".to_owned(),
         Endpointish::Purge => "/debug/jemalloc/purge".to_owned(),
         Endpointish::Stats => "/debug/jemalloc/stats".to_owned(),
+        Endpointish::Heap => "/debug/pprof/heap".to_owned(),
+        Endpointish::Profiling => "/debug/jemalloc/profiling".to_owned(),
         Endpointish::Prefixed(rest) => format!("/metrics{rest}"),
         Endpointish::Raw(raw) => format!("/{raw}"),
     };
@@ -157,9 +161,22 @@ fuzz_target!(|input: Input<'_>| {
             StatusCode::UNAUTHORIZED,
             StatusCode::TOO_MANY_REQUESTS,
         ]),
-        "/metrics" | "/debug/jemalloc/purge" | "/debug/jemalloc/stats" => {
-            Some(&[StatusCode::METHOD_NOT_ALLOWED])
-        }
+        // Built without the profiling feature: 501 once admitted and its parameters read.
+        "/debug/pprof/heap" if method == Method::GET => Some(&[
+            StatusCode::BAD_REQUEST,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::NOT_IMPLEMENTED,
+        ]),
+        "/debug/jemalloc/profiling" if method == Method::GET || method == Method::PUT => Some(&[
+            StatusCode::BAD_REQUEST,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::NOT_IMPLEMENTED,
+        ]),
+        "/metrics"
+        | "/debug/jemalloc/purge"
+        | "/debug/jemalloc/stats"
+        | "/debug/pprof/heap"
+        | "/debug/jemalloc/profiling" => Some(&[StatusCode::METHOD_NOT_ALLOWED]),
         _ => None,
     };
     match intercepted {
