@@ -85,20 +85,28 @@ mod with_the_feature {
         answer.json()
     }
 
-    /// Keeps `mib` MiB in 1 MiB blocks, from a function the profiles must name.
+    /// `mib` blocks of 1 MiB, filled with `fill`. Always inlined, so that the allocations are
+    /// made from the named functions below (a loop, not a tail call, so that they stay on the
+    /// stack in optimised builds too).
+    #[inline(always)]
+    fn blocks(mib: usize, fill: u8) -> Vec<Box<[u8]>> {
+        let mut kept = Vec::with_capacity(mib);
+        for _ in 0..mib {
+            kept.push(std::hint::black_box(vec![fill; 1 << 20].into_boxed_slice()));
+        }
+        kept
+    }
+
+    /// Keeps `mib` MiB, from a function the profiles must name.
     #[inline(never)]
     fn held_before_the_window(mib: usize) -> Vec<Box<[u8]>> {
-        (0..mib)
-            .map(|i| std::hint::black_box(vec![i as u8 | 1; 1 << 20].into_boxed_slice()))
-            .collect()
+        blocks(mib, 1)
     }
 
     /// The same, from another function, for what grows during a window.
     #[inline(never)]
     fn grown_during_the_window(mib: usize) -> Vec<Box<[u8]>> {
-        (0..mib)
-            .map(|i| std::hint::black_box(vec![i as u8 | 3; 1 << 20].into_boxed_slice()))
-            .collect()
+        blocks(mib, 3)
     }
 
     fn gunzip(body: &[u8]) -> Vec<u8> {
