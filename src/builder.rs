@@ -23,8 +23,9 @@ const SCOPE_NAME: &str = "tower-jemalloc";
 impl JemallocLayer {
     /// A layer with the defaults: its own Prometheus registry, exporter and meter provider, no
     /// namespace (`jemalloc_allocated_bytes`, …), and every endpoint on its default path:
-    /// `/metrics` open, the debug endpoints (purge, stats) closed (403) until an access rule
-    /// is set with [`JemallocLayer::builder`].
+    /// `/metrics` open, the debug endpoints (purge; stats, heap and profiling, which follow
+    /// purge's rules) closed (403) until an access rule is set with
+    /// [`JemallocLayer::builder`].
     ///
     /// # Panics
     ///

@@ -21,8 +21,8 @@
 //!   jemalloc was started without `prof:true`, 503 saying how (the README's "Find what holds
 //!   the memory").
 //!
-//! `/metrics` is open; the debug endpoints (purge, stats, heap, profiling) answer 403 until they have an access
-//! rule: a bearer token, a predicate, or an explicit
+//! `/metrics` is open; the debug endpoints (purge, stats, heap, profiling) answer 403 until
+//! they have an access rule: a bearer token, a predicate, or an explicit
 //! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
 //! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
 //! stats and scrape bounds; see the README's Security section. Every other request goes to the inner service untouched. JSON answers are serde

@@ -29,10 +29,10 @@ impl Args {
 
     /// A layer builder with the namespace and purge token from the command line.
     ///
-    /// The debug endpoints (purge, and stats, which follows purge's rules) are closed until
-    /// they have an access rule. With a token they require it; without one they are opened to
-    /// anyone only when the example listens on a loopback address, where only this machine
-    /// can reach them. On any other address without a token the example refuses to start.
+    /// The debug endpoints (purge, and stats, heap and profiling, which follow purge's rules)
+    /// are closed until they have an access rule. With a token they require it; without one
+    /// they are opened to anyone only when the example listens on a loopback address, where
+    /// only this machine can reach them. On any other address without a token the example refuses to start.
     pub fn builder(&self) -> JemallocLayerBuilder {
         let mut builder = JemallocLayer::builder();
         if let Some(namespace) = &self.namespace {
