@@ -31,6 +31,9 @@ static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
 #[cfg(feature = "profiling")]
 #[path = "loopback/profiling.rs"]
 mod profiling;
+#[cfg(feature = "profiling")]
+#[path = "loopback/records.rs"]
+mod records;
 
 const MIB: f64 = 1024.0 * 1024.0;
 

@@ -3,6 +3,7 @@
 //! latency of forwarded requests.
 
 use super::{load, median, once, percentile, runtime, serve_layered};
+use crate::records::records;
 use axum::routing::get;
 use axum::Router;
 use http::{Method, StatusCode};
@@ -26,21 +27,6 @@ fn set_active(client: &tokio::runtime::Runtime, addr: std::net::SocketAddr, acti
     };
     let (status, body) = client.block_on(once(addr, Method::PUT, path));
     assert_eq!(status, StatusCode::OK, "{body:?}");
-}
-
-/// The allocation-heavy handler: 500 records built as `serde_json::Value`s (a map, strings
-/// and an array each) and rendered to a JSON string, as an API handler does.
-fn records() -> String {
-    let items: Vec<serde_json::Value> = (0..500)
-        .map(|i| {
-            serde_json::json!({
-                "id": i,
-                "name": format!("item-{i}"),
-                "tags": ["a", "b", format!("t{}", i % 7)],
-            })
-        })
-        .collect();
-    serde_json::to_string(&items).unwrap()
 }
 
 /// Bytes and allocations one call of `records` makes on this thread.
