@@ -6,6 +6,7 @@
 //! - [`dump`]: `malloc_stats_print` into memory, capped.
 //! - [`purge`]: returning unused pages to the OS, one purge at a time.
 //! - [`summary`]: jemalloc's configuration and a plain-language reading of the figures.
+//! - [`tuning`]: background threads and decay times, read and changed at run time.
 
 pub(crate) mod ctl;
 pub(crate) mod dump;
@@ -16,8 +17,10 @@ pub(crate) mod figures;
 pub(crate) mod instruments;
 pub(crate) mod purge;
 pub(crate) mod summary;
+pub(crate) mod tuning;
 
 pub use error::JemallocError;
 pub use figures::JemallocStats;
 pub use purge::{purge_all_arenas, PurgeError, PurgeMode, PurgeReport, UnknownPurgeMode};
 pub use summary::{BackgroundThread, MallocConf, Ratios, StatsSummary};
+pub use tuning::{ArenaDecay, ConfigUpdate, JemallocConfig, MAX_DECAY_MS};
