@@ -28,9 +28,45 @@ impl ProcessMemory {
     }
 }
 
+/// The process's resident and virtual memory, for the `process.memory.*` gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcessUsage {
+    /// `VmRSS`, in bytes.
+    pub(crate) resident: u64,
+    /// `VmSize`, in bytes.
+    pub(crate) virtual_size: u64,
+}
+
+impl ProcessUsage {
+    /// Reads `/proc/self/status` once; `None` where it is not available.
+    pub(crate) fn read() -> Option<Self> {
+        imp::usage()
+    }
+}
+
+/// The memory of the cgroup (v2) the process runs in: what the kernel charges it and its
+/// limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CgroupMemory {
+    /// `memory.current`, in bytes.
+    pub(crate) current: u64,
+    /// `memory.max`, in bytes; `None` when it is `max` (no limit).
+    pub(crate) max: Option<u64>,
+}
+
+impl CgroupMemory {
+    /// Reads the figures of the process's cgroup v2; `None` when there is none to read (not
+    /// Linux, cgroup v1 only, or the files are not visible from here).
+    pub(crate) fn read() -> Option<Self> {
+        imp::cgroup()
+    }
+}
+
 #[cfg(target_os = "linux")]
 mod imp {
-    use super::ProcessMemory;
+    use super::{CgroupMemory, ProcessMemory, ProcessUsage};
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
 
     pub(super) fn read() -> Option<ProcessMemory> {
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -39,6 +75,57 @@ mod imp {
             lazy_free: std::fs::read_to_string("/proc/self/smaps_rollup")
                 .ok()
                 .and_then(|rollup| kib_field(&rollup, "LazyFree:")),
+        })
+    }
+
+    pub(super) fn usage() -> Option<ProcessUsage> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        Some(ProcessUsage {
+            resident: kib_field(&status, "VmRSS:")?,
+            virtual_size: kib_field(&status, "VmSize:")?,
+        })
+    }
+
+    pub(super) fn cgroup() -> Option<CgroupMemory> {
+        // A process does not change cgroup on its own: find the directory once.
+        static DIRECTORY: OnceLock<Option<PathBuf>> = OnceLock::new();
+        let directory = DIRECTORY.get_or_init(|| {
+            let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+            cgroup_directory(&cgroups, &mounts)
+        });
+        let directory = directory.as_ref()?;
+        let read = |file: &str| std::fs::read_to_string(directory.join(file)).ok();
+        let current = read("memory.current")?.trim().parse().ok()?;
+        let max = match read("memory.max")?.trim() {
+            "max" => None,
+            limit => Some(limit.parse().ok()?),
+        };
+        Some(CgroupMemory { current, max })
+    }
+
+    /// The directory of the process's cgroup v2, from `/proc/self/cgroup` (its `0::<path>`
+    /// line) and `/proc/self/mountinfo` (where the `cgroup2` hierarchy is mounted, and which
+    /// of its directories is the mount's root).
+    pub(super) fn cgroup_directory(cgroups: &str, mountinfo: &str) -> Option<PathBuf> {
+        let path = cgroups.lines().find_map(|line| line.strip_prefix("0::"))?;
+        mountinfo.lines().find_map(|line| {
+            let (mount, filesystem) = line.split_once(" - ")?;
+            if filesystem.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            // id parent major:minor root mount-point ...
+            let mut fields = mount.split_whitespace().skip(3);
+            let (root, point) = (fields.next()?, fields.next()?);
+            let inside = path.strip_prefix(root.trim_end_matches('/'))?;
+            if !(inside.is_empty() || inside.starts_with('/')) {
+                return None;
+            }
+            let directory = PathBuf::from(point).join(inside.trim_start_matches('/'));
+            directory
+                .join("memory.current")
+                .exists()
+                .then_some(directory)
         })
     }
 
@@ -53,6 +140,12 @@ mod imp {
 #[cfg(not(target_os = "linux"))]
 mod imp {
     pub(super) fn read() -> Option<super::ProcessMemory> {
+        None
+    }
+    pub(super) fn usage() -> Option<super::ProcessUsage> {
+        None
+    }
+    pub(super) fn cgroup() -> Option<super::CgroupMemory> {
         None
     }
 }
@@ -70,5 +163,39 @@ mod tests {
             json.starts_with(&format!("{{\"rss\":{}", memory.rss)),
             "{json}"
         );
+    }
+
+    #[test]
+    fn usage_agrees_with_the_status_file() {
+        let usage = ProcessUsage::read().expect("Linux has /proc/self/status");
+        assert!(usage.resident > 0);
+        assert!(usage.virtual_size >= usage.resident);
+    }
+
+    #[test]
+    fn the_cgroup_directory_is_found_under_the_cgroup2_mount() {
+        let mounts = "24 30 0:22 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n\
+                      25 30 0:23 / /proc rw - proc proc rw\n";
+        // The directory must exist to be chosen: none of these does on a test machine.
+        assert_eq!(
+            imp::cgroup_directory("0::/app.slice/x.service\n", mounts),
+            None
+        );
+        assert_eq!(imp::cgroup_directory("4:memory:/x\n", mounts), None);
+        // With the mount's root at a directory of the hierarchy (a cgroup namespace), the
+        // path is taken relative to it; a path outside the root is not this mount's.
+        let dir = std::env::temp_dir().join(format!("tj-cgroup-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("inner")).unwrap();
+        std::fs::write(dir.join("inner/memory.current"), "1\n").unwrap();
+        let mounts = format!(
+            "24 30 0:22 /outer {} rw - cgroup2 cgroup2 rw\n",
+            dir.display()
+        );
+        assert_eq!(
+            imp::cgroup_directory("0::/outer/inner\n", &mounts),
+            Some(dir.join("inner"))
+        );
+        assert_eq!(imp::cgroup_directory("0::/elsewhere\n", &mounts), None);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -39,6 +39,8 @@ pub(crate) struct Settings {
     pub(crate) stats_reuse_window: Duration,
     /// Stats answers per second; beyond, 429.
     pub(crate) stats_rate_limit: u32,
+    /// Whether the per-arena gauges are registered.
+    pub(crate) per_arena_metrics: bool,
 }
 
 impl Default for Settings {
@@ -51,6 +53,7 @@ impl Default for Settings {
             stats_max_bytes: DEFAULT_STATS_MAX_BYTES,
             stats_reuse_window: DEFAULT_STATS_REUSE_WINDOW,
             stats_rate_limit: DEFAULT_STATS_RATE_LIMIT,
+            per_arena_metrics: false,
         }
     }
 }
