@@ -32,7 +32,8 @@ use super::job::{Flight, Job, Runner};
 use super::query;
 use super::response::{self, Answer};
 use crate::jemalloc::tuning::{
-    ChangeError, ChangeGuard, ConfigChange, ConfigUpdate, JemallocConfig, Setting, MAX_DECAY_MS,
+    self, ChangeError, ChangeGuard, ConfigChange, ConfigUpdate, JemallocConfig, Setting,
+    MAX_DECAY_MS,
 };
 use crate::jemalloc::JemallocError;
 use http::request::Parts;
@@ -120,7 +121,7 @@ impl Handler for Config {
             Request::Read { .. } => self
                 .reads
                 .join_or_start(Runner::OwnThread("jemalloc-config"), move || {
-                    Configured::Read(ctl.config())
+                    Configured::Read(tuning::read(ctl))
                 }),
             Request::Change(change) => {
                 let Some(guard) = ChangeGuard::acquire() else {

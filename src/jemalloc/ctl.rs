@@ -108,7 +108,6 @@ mod imp {
         ArenaFigures, ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings, Write,
     };
     use crate::jemalloc::figures::{Unit, FIGURES};
-    use crate::jemalloc::tuning::{ArenaDecay, JemallocConfig};
     use std::sync::OnceLock;
     use tikv_jemalloc_ctl::{
         arenas, background_thread, background_thread_mib, config, epoch, epoch_mib,
@@ -403,38 +402,29 @@ mod imp {
             ))
         }
 
-        /// The live tuning.
-        pub(crate) fn config(&self) -> Result<JemallocConfig, JemallocError> {
+        /// `max_background_threads`.
+        pub(crate) fn max_background_threads(&self) -> Result<u64, JemallocError> {
+            max_background_threads::read()
+                .map(|n| n as u64)
+                .map_err(err("max_background_threads"))
+        }
+
+        /// Each initialized arena's own decay times: `(arena, dirty_decay_ms, muzzy_decay_ms)`.
+        pub(crate) fn arena_decays(&self) -> Result<Vec<(u32, i64, i64)>, JemallocError> {
             const DIRTY: &str = "arena.<i>.dirty_decay_ms";
             const MUZZY: &str = "arena.<i>.muzzy_decay_ms";
-            let (dirty_decay_ms, muzzy_decay_ms) = self.decay_defaults()?;
-            let mut dirty: Mib<[usize; 3]> = arena_mib(b"arena.0.dirty_decay_ms\0", DIRTY, 0)?;
-            let mut muzzy: Mib<[usize; 3]> = arena_mib(b"arena.0.muzzy_decay_ms\0", MUZZY, 0)?;
-            let mut arenas_differing = Vec::new();
-            for arena in self.initialized_arenas()? {
-                dirty[1] = arena as usize;
-                muzzy[1] = arena as usize;
-                let dirty_ms: isize = dirty.read().map_err(arena_err(DIRTY, arena))?;
-                let muzzy_ms: isize = muzzy.read().map_err(arena_err(MUZZY, arena))?;
-                let decay = ArenaDecay {
-                    arena,
-                    dirty_decay_ms: dirty_ms as i64,
-                    muzzy_decay_ms: muzzy_ms as i64,
-                };
-                if (decay.dirty_decay_ms, decay.muzzy_decay_ms) != (dirty_decay_ms, muzzy_decay_ms)
-                {
-                    arenas_differing.push(decay);
-                }
-            }
-            Ok(JemallocConfig {
-                background_thread: self.background_threads_running()?,
-                max_background_threads: max_background_threads::read()
-                    .map_err(err("max_background_threads"))?
-                    as u64,
-                dirty_decay_ms,
-                muzzy_decay_ms,
-                arenas_differing,
-            })
+            let mut dirty = arena_mib(b"arena.0.dirty_decay_ms\0", DIRTY, 0)?;
+            let mut muzzy = arena_mib(b"arena.0.muzzy_decay_ms\0", MUZZY, 0)?;
+            self.initialized_arenas()?
+                .into_iter()
+                .map(|arena| {
+                    dirty[1] = arena as usize;
+                    muzzy[1] = arena as usize;
+                    let dirty_ms: isize = dirty.read().map_err(arena_err(DIRTY, arena))?;
+                    let muzzy_ms: isize = muzzy.read().map_err(arena_err(MUZZY, arena))?;
+                    Ok((arena, dirty_ms as i64, muzzy_ms as i64))
+                })
+                .collect()
         }
 
         /// Makes `write` and answers the write that undoes it (the previous value).
@@ -544,7 +534,6 @@ mod unsupported {
     use super::{
         ArenaFigures, ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings, Write,
     };
-    use crate::jemalloc::tuning::JemallocConfig;
 
     /// Stand-in for builds without jemalloc: it can never be constructed.
     pub(crate) enum Ctl {}
@@ -581,7 +570,10 @@ mod unsupported {
         pub(crate) fn decay_defaults(&self) -> Result<(i64, i64), JemallocError> {
             match *self {}
         }
-        pub(crate) fn config(&self) -> Result<JemallocConfig, JemallocError> {
+        pub(crate) fn max_background_threads(&self) -> Result<u64, JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn arena_decays(&self) -> Result<Vec<(u32, i64, i64)>, JemallocError> {
             match *self {}
         }
         pub(crate) fn write(&self, _: Write) -> Result<Write, JemallocError> {

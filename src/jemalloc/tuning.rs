@@ -58,8 +58,30 @@ impl JemallocConfig {
     /// As [`JemallocStats::read`](crate::JemallocStats::read): jemalloc not compiled in, not
     /// the global allocator, or a mallctl call failing.
     pub fn read() -> Result<Self, JemallocError> {
-        super::ctl::ctl()?.config()
+        read(super::ctl::ctl()?)
     }
+}
+
+/// The live tuning, read through `ctl`.
+pub(crate) fn read(ctl: &Ctl) -> Result<JemallocConfig, JemallocError> {
+    let (dirty_decay_ms, muzzy_decay_ms) = ctl.decay_defaults()?;
+    let arenas_differing = ctl
+        .arena_decays()?
+        .into_iter()
+        .filter(|&(_, dirty, muzzy)| (dirty, muzzy) != (dirty_decay_ms, muzzy_decay_ms))
+        .map(|(arena, dirty_decay_ms, muzzy_decay_ms)| ArenaDecay {
+            arena,
+            dirty_decay_ms,
+            muzzy_decay_ms,
+        })
+        .collect();
+    Ok(JemallocConfig {
+        background_thread: ctl.background_threads_running()?,
+        max_background_threads: ctl.max_background_threads()?,
+        dirty_decay_ms,
+        muzzy_decay_ms,
+        arenas_differing,
+    })
 }
 
 /// A setting a change may write.
@@ -246,7 +268,7 @@ fn apply(ctl: &Ctl, change: &ConfigChange) -> Result<ConfigUpdate, ChangeError> 
     change
         .check(ctl.background_thread_limit().map_err(failed)?)
         .map_err(ChangeError::Invalid)?;
-    let before = ctl.config().map_err(failed)?;
+    let before = read(ctl).map_err(failed)?;
     let arenas = ctl.initialized_arenas().map_err(failed)?;
 
     let mut done = Vec::new();
@@ -259,7 +281,7 @@ fn apply(ctl: &Ctl, change: &ConfigChange) -> Result<ConfigUpdate, ChangeError> 
             }
         }
     }
-    let after = ctl.config().map_err(|error| ChangeError::Failed {
+    let after = read(ctl).map_err(|error| ChangeError::Failed {
         error,
         undone: "the change was made".to_owned(),
     })?;
