@@ -312,34 +312,26 @@ fn undo(ctl: &Ctl, done: Vec<Write>) -> String {
 
 /// Logs each setting that changed, with its old and new value.
 fn log(before: &JemallocConfig, after: &JemallocConfig) {
-    let pairs = [
-        (
-            Setting::BackgroundThread,
-            i64::from(before.background_thread),
-            i64::from(after.background_thread),
-        ),
-        (
-            Setting::MaxBackgroundThreads,
-            before.max_background_threads as i64,
-            after.max_background_threads as i64,
-        ),
-        (
-            Setting::DirtyDecayMs,
-            before.dirty_decay_ms,
-            after.dirty_decay_ms,
-        ),
-        (
-            Setting::MuzzyDecayMs,
-            before.muzzy_decay_ms,
-            after.muzzy_decay_ms,
-        ),
+    let values = |config: &JemallocConfig| {
+        [
+            config.background_thread.to_string(),
+            config.max_background_threads.to_string(),
+            config.dirty_decay_ms.to_string(),
+            config.muzzy_decay_ms.to_string(),
+        ]
+    };
+    let settings = [
+        Setting::BackgroundThread,
+        Setting::MaxBackgroundThreads,
+        Setting::DirtyDecayMs,
+        Setting::MuzzyDecayMs,
     ];
-    for (setting, old, new) in pairs {
+    for ((setting, old), new) in settings.iter().zip(values(before)).zip(values(after)) {
         if old != new {
             tracing::info!(
                 setting = setting.name(),
-                old,
-                new,
+                %old,
+                %new,
                 "tower-jemalloc: jemalloc setting changed"
             );
         }
@@ -413,6 +405,63 @@ mod tests {
             ]
         );
         assert!(ConfigChange::default().writes(&[0]).is_empty());
+    }
+
+    /// Records every event's fields as `name=value` lines.
+    #[derive(Default, Clone)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Fields(String);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    self.0.push_str(&format!("{}={value:?} ", field.name()));
+                }
+            }
+            let mut fields = Fields(format!("{} ", event.metadata().level()));
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0.trim_end().to_owned());
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn each_changed_setting_is_logged_with_old_and_new_values() {
+        let before = JemallocConfig {
+            background_thread: false,
+            max_background_threads: 2,
+            dirty_decay_ms: 10_000,
+            muzzy_decay_ms: 0,
+            arenas_differing: Vec::new(),
+        };
+        let after = JemallocConfig {
+            background_thread: true,
+            dirty_decay_ms: 200,
+            ..before.clone()
+        };
+        let capture = Capture::default();
+        tracing::subscriber::with_default(capture.clone(), || log(&before, &after));
+        assert_eq!(
+            *capture.0.lock().unwrap(),
+            [
+                "INFO message=tower-jemalloc: jemalloc setting changed setting=\"background_thread\" old=false new=true",
+                "INFO message=tower-jemalloc: jemalloc setting changed setting=\"dirty_decay_ms\" old=10000 new=200",
+            ]
+        );
     }
 
     #[test]
