@@ -7,8 +7,8 @@
 //!   [`ConfigUpdate`](crate::ConfigUpdate) (`{"before": …, "after": …}`):
 //!   - `background_thread=true|false`: start or stop jemalloc's background threads, which
 //!     return freed pages on their own, also while the process is idle;
-//!   - `max_background_threads=N`: 1 to `opt.max_background_threads` (the CPU count unless
-//!     set at start-up);
+//!   - `max_background_threads=N`: 1 to `opt.max_background_threads` (4, jemalloc's default,
+//!     unless set at start-up);
 //!   - `dirty_decay_ms=N`, `muzzy_decay_ms=N`: -1 (never) to
 //!     [`MAX_DECAY_MS`](crate::MAX_DECAY_MS) (one hour), applied to every existing arena
 //!     (`arena.<i>.…`, including the arena jemalloc keeps for huge allocations) and to arenas
