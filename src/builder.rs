@@ -338,6 +338,20 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// Whether to export per-arena gauges (default `false`): resident, dirty and muzzy bytes
+    /// and the thread count of each initialized arena, as
+    /// `jemalloc_arena_{resident,dirty,muzzy}_bytes{arena="<i>"}` and
+    /// `jemalloc_arena_threads{arena="<i>"}`, from the same snapshot as the other gauges.
+    ///
+    /// They tell which arenas hold memory (say, the arena of one busy thread pool). The
+    /// cardinality is 4 series per arena: jemalloc creates 4 arenas per CPU by default, so 32
+    /// series on 2 CPUs and 512 on 32, bounded by `arenas.narenas`; set `narenas` in
+    /// `MALLOC_CONF` to bound it further.
+    pub fn per_arena_metrics(mut self, enabled: bool) -> Self {
+        self.settings.per_arena_metrics = enabled;
+        self
+    }
+
     /// Whether `/metrics` is gzip-compressed for clients whose `Accept-Encoding` allows it
     /// (default `true`; Prometheus always asks for gzip).
     pub fn gzip(mut self, enabled: bool) -> Self {
@@ -442,7 +456,7 @@ impl JemallocLayerBuilder {
             }
         };
         // Without jemalloc the gauges are left out; `ctl` has logged why, once.
-        let _ = crate::jemalloc::instruments::register_instruments(&meter);
+        let _ = crate::jemalloc::instruments::register(&meter, self.settings.per_arena_metrics);
 
         let zero_histograms: Vec<_> = paths
             .iter()
@@ -656,6 +670,7 @@ mod tests {
             .without_metrics()
             .without_purge()
             .without_stats()
+            .without(Endpoint::Config)
             .without(Endpoint::Heap)
             .without(Endpoint::Profiling)
             .build()
@@ -686,7 +701,7 @@ mod tests {
         assert!(inherited.refusal(&parts(Some("Bearer p"))).is_none());
         let layer = builder.build().unwrap();
         let printed = format!("{layer:?}");
-        // Purge's token, and the same on stats, heap and profiling, which follow it.
-        assert_eq!(printed.matches("<redacted>").count(), 4, "{printed}");
+        // Purge's token, and the copies stats, config, heap and profiling inherit.
+        assert_eq!(printed.matches("<redacted>").count(), 5, "{printed}");
     }
 }

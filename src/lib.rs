@@ -14,6 +14,9 @@
 //!   `?mode=decay` asks for the gentler `arena.<all>.decay`.
 //! - `GET /debug/jemalloc/stats`: jemalloc's `malloc_stats_print` dump (JSON with a
 //!   [`StatsSummary`] and plain-language hints, or `?format=text`).
+//! - `GET|PUT /debug/jemalloc/config`: background threads and decay times, read
+//!   ([`JemallocConfig`]) and changed at run time (`?background_thread=true&dirty_decay_ms=1000`,
+//!   answered with a [`ConfigUpdate`]), so memory goes back steadily without a restart.
 //! - `GET /debug/pprof/heap` and `GET|PUT /debug/jemalloc/profiling`, with the `profiling`
 //!   feature: jemalloc's heap profile as symbolized pprof (for `go tool pprof`) or an SVG
 //!   flame graph, the growth over `?seconds=N`, and switching the sampling profiler at run time
@@ -21,8 +24,13 @@
 //!   jemalloc was started without `prof:true`, 503 saying how (the README's "Find what holds
 //!   the memory").
 //!
-//! `/metrics` is open; the debug endpoints (purge, stats, heap, profiling) answer 403 until
-//! they have an access rule: a bearer token, a predicate, or an explicit
+//! Beside jemalloc's gauges, `/metrics` has the process's RSS and virtual memory
+//! (`process_memory_usage_bytes`, `process_memory_virtual_bytes`) and, inside a cgroup v2, its
+//! usage and limit, all from the same snapshot; per-arena gauges are opt-in
+//! ([`per_arena_metrics`](JemallocLayerBuilder::per_arena_metrics)).
+//!
+//! `/metrics` is open; the debug endpoints (purge, stats, config, heap, profiling) answer 403
+//! until they have an access rule: a bearer token, a predicate, or an explicit
 //! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
 //! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
 //! stats and scrape bounds; see the README's Security section. Every other request goes to the inner service untouched. JSON answers are serde
@@ -193,16 +201,17 @@ mod process;
 pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{
-    Endpoint, DEFAULT_HEAP_PATH, DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_MAX_CONCURRENT_SCRAPES,
-    DEFAULT_METRICS_PATH, DEFAULT_PROFILING_PATH, DEFAULT_PURGE_COOLDOWN, DEFAULT_PURGE_PATH,
-    DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH, DEFAULT_STATS_RATE_LIMIT,
-    DEFAULT_STATS_REUSE_WINDOW,
+    Endpoint, DEFAULT_CONFIG_PATH, DEFAULT_HEAP_PATH, DEFAULT_HEAP_PROFILE_MAX_BYTES,
+    DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_METRICS_PATH, DEFAULT_PROFILING_PATH,
+    DEFAULT_PURGE_COOLDOWN, DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH,
+    DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use jemalloc::instruments::register_instruments;
 pub use jemalloc::{
-    purge_all_arenas, BackgroundThread, JemallocError, JemallocStats, MallocConf, ProfilingChange,
-    ProfilingStatus, PurgeError, PurgeMode, PurgeReport, Ratios, StatsSummary, UnknownPurgeMode,
+    purge_all_arenas, ArenaDecay, BackgroundThread, ConfigUpdate, JemallocConfig, JemallocError,
+    JemallocStats, MallocConf, ProfilingChange, ProfilingStatus, PurgeError, PurgeMode,
+    PurgeReport, Ratios, StatsSummary, UnknownPurgeMode, MAX_DECAY_MS,
 };
 pub use layer::JemallocLayer;
 pub use process::ProcessMemory;

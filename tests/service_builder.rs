@@ -108,8 +108,12 @@ async fn inner_layers_only_see_forwarded_requests() {
     );
 }
 
+/// One purge runs at a time in the process (a second gets 409): the tests that purge take turns.
+static PURGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_layer_answers_with_its_own_gzip_and_purge_report() {
+    let _turn = PURGES.lock().await;
     let layer = JemallocLayer::builder()
         .allow_anonymous(Endpoint::Purge)
         .purge_cooldown(Duration::ZERO)
@@ -139,6 +143,7 @@ async fn the_layer_answers_with_its_own_gzip_and_purge_report() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outer_trace_layer_sees_scrapes_and_purges() {
+    let _turn = PURGES.lock().await;
     let layer = JemallocLayer::builder()
         .allow_anonymous(Endpoint::Purge)
         .purge_cooldown(Duration::ZERO)

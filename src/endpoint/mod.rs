@@ -18,6 +18,7 @@
 #![allow(clippy::result_large_err)]
 
 mod access;
+mod config;
 mod handler;
 mod heap;
 mod job;
@@ -126,6 +127,10 @@ endpoints! {
     Purge => "purge", DEFAULT_PURGE_PATH = "/debug/jemalloc/purge", purge::Purge;
     /// `GET|HEAD /debug/jemalloc/stats`: `malloc_stats_print` with a summary.
     Stats => "stats", DEFAULT_STATS_PATH = "/debug/jemalloc/stats", stats::Stats,
+        access from Purge;
+    /// `GET|HEAD|PUT /debug/jemalloc/config`: background threads and decay times, read and
+    /// changed at run time.
+    Config => "config", DEFAULT_CONFIG_PATH = "/debug/jemalloc/config", config::Config,
         access from Purge;
     /// `GET /debug/pprof/heap`: the heap profile, pprof or a flame graph (feature `profiling`).
     Heap => "heap", DEFAULT_HEAP_PATH = "/debug/pprof/heap", heap::Heap,

@@ -42,6 +42,8 @@ pub(crate) struct Settings {
     pub(crate) stats_reuse_window: Duration,
     /// Stats answers per second; beyond, 429.
     pub(crate) stats_rate_limit: u32,
+    /// Whether the per-arena gauges are registered.
+    pub(crate) per_arena_metrics: bool,
     /// The largest jemalloc heap dump read.
     pub(crate) heap_profile_max_bytes: u64,
 }
@@ -56,6 +58,7 @@ impl Default for Settings {
             stats_max_bytes: DEFAULT_STATS_MAX_BYTES,
             stats_reuse_window: DEFAULT_STATS_REUSE_WINDOW,
             stats_rate_limit: DEFAULT_STATS_RATE_LIMIT,
+            per_arena_metrics: false,
             heap_profile_max_bytes: DEFAULT_HEAP_PROFILE_MAX_BYTES,
         }
     }

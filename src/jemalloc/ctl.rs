@@ -58,6 +58,40 @@ pub(crate) struct Settings {
     pub(crate) malloc_conf_compiled: &'static str,
 }
 
+/// One write of a tuning change; [`Ctl::write`] answers the write that undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(jemalloc), allow(dead_code))]
+pub(crate) enum Write {
+    /// `background_thread`.
+    BackgroundThread(bool),
+    /// `max_background_threads`.
+    MaxBackgroundThreads(usize),
+    /// `arenas.dirty_decay_ms`: the default for new arenas.
+    DefaultDirtyDecay(isize),
+    /// `arenas.muzzy_decay_ms`.
+    DefaultMuzzyDecay(isize),
+    /// `arena.<i>.dirty_decay_ms`.
+    DirtyDecay(u32, isize),
+    /// `arena.<i>.muzzy_decay_ms`.
+    MuzzyDecay(u32, isize),
+}
+
+/// One arena's figures, for the per-arena gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(jemalloc), allow(dead_code))]
+pub(crate) struct ArenaFigures {
+    /// Its index.
+    pub(crate) arena: u32,
+    /// `stats.arenas.<i>.resident`, bytes.
+    pub(crate) resident: u64,
+    /// `stats.arenas.<i>.pdirty`, in bytes.
+    pub(crate) dirty: u64,
+    /// `stats.arenas.<i>.pmuzzy`, in bytes.
+    pub(crate) muzzy: u64,
+    /// `stats.arenas.<i>.nthreads`: threads assigned to it.
+    pub(crate) threads: u64,
+}
+
 /// Which parts of `malloc_stats_print` to write.
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(jemalloc), allow(dead_code))]
@@ -70,12 +104,14 @@ pub(crate) struct PrintOptions {
 
 #[cfg(jemalloc)]
 mod imp {
-    use super::{ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings};
+    use super::{
+        ArenaFigures, ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings, Write,
+    };
     use crate::jemalloc::figures::{Unit, FIGURES};
     use std::sync::OnceLock;
     use tikv_jemalloc_ctl::{
-        arenas, background_thread, background_thread_mib, config, epoch, epoch_mib, opt, raw,
-        stats_print, thread, version, Access, AsName, Mib,
+        arenas, background_thread, background_thread_mib, config, epoch, epoch_mib,
+        max_background_threads, opt, raw, stats_print, thread, version, Access, AsName, Mib,
     };
 
     /// `MALLCTL_ARENAS_ALL` from `jemalloc.h`: the arena index meaning "all arenas". It is
@@ -370,6 +406,190 @@ mod imp {
         }
     }
 
+    /// The MIB of `arena.<i>.<x>` for arena `arena` (`name` spells it with index 0).
+    fn arena_mib(
+        name: &'static [u8],
+        key: &'static str,
+        arena: u32,
+    ) -> Result<Mib<[usize; 3]>, JemallocError> {
+        let mut mib: Mib<[usize; 3]> = name.name().mib().map_err(err(key))?;
+        mib[1] = arena as usize;
+        Ok(mib)
+    }
+
+    /// A mallctl error about arena `arena`'s `key` (keys are static; the arena goes in the
+    /// reason).
+    fn arena_err(
+        key: &'static str,
+        arena: u32,
+    ) -> impl FnOnce(tikv_jemalloc_ctl::Error) -> JemallocError {
+        move |e| JemallocError::Mallctl {
+            key,
+            reason: format!("arena {arena}: {e}"),
+        }
+    }
+
+    /// Run-time tuning: reading and writing background threads and decay times.
+    impl Ctl {
+        /// `opt.max_background_threads`: the most `max_background_threads` may be set to.
+        pub(crate) fn background_thread_limit(&self) -> Result<u64, JemallocError> {
+            b"opt.max_background_threads\0"
+                .name()
+                .read()
+                .map(|n: usize| n as u64)
+                .map_err(err("opt.max_background_threads"))
+        }
+
+        /// The indexes of the arenas that exist (`arena.<i>.initialized` below
+        /// `arenas.narenas`).
+        pub(crate) fn initialized_arenas(&self) -> Result<Vec<u32>, JemallocError> {
+            const KEY: &str = "arena.<i>.initialized";
+            let mut mib: Mib<[usize; 3]> = arena_mib(b"arena.0.initialized\0", KEY, 0)?;
+            let mut arenas = Vec::new();
+            for arena in 0..self.narenas()? {
+                mib[1] = arena as usize;
+                if mib.read().map_err(arena_err(KEY, arena))? {
+                    arenas.push(arena);
+                }
+            }
+            Ok(arenas)
+        }
+
+        /// The defaults for new arenas: `arenas.dirty_decay_ms`, `arenas.muzzy_decay_ms`.
+        pub(crate) fn decay_defaults(&self) -> Result<(i64, i64), JemallocError> {
+            let read = |name: &'static [u8], key: &'static str| {
+                name.name()
+                    .read()
+                    .map(|ms: isize| ms as i64)
+                    .map_err(err(key))
+            };
+            Ok((
+                read(b"arenas.dirty_decay_ms\0", "arenas.dirty_decay_ms")?,
+                read(b"arenas.muzzy_decay_ms\0", "arenas.muzzy_decay_ms")?,
+            ))
+        }
+
+        /// `max_background_threads`.
+        pub(crate) fn max_background_threads(&self) -> Result<u64, JemallocError> {
+            max_background_threads::read()
+                .map(|n| n as u64)
+                .map_err(err("max_background_threads"))
+        }
+
+        /// Each initialized arena's own decay times: `(arena, dirty_decay_ms, muzzy_decay_ms)`.
+        pub(crate) fn arena_decays(&self) -> Result<Vec<(u32, i64, i64)>, JemallocError> {
+            const DIRTY: &str = "arena.<i>.dirty_decay_ms";
+            const MUZZY: &str = "arena.<i>.muzzy_decay_ms";
+            let mut dirty = arena_mib(b"arena.0.dirty_decay_ms\0", DIRTY, 0)?;
+            let mut muzzy = arena_mib(b"arena.0.muzzy_decay_ms\0", MUZZY, 0)?;
+            self.initialized_arenas()?
+                .into_iter()
+                .map(|arena| {
+                    dirty[1] = arena as usize;
+                    muzzy[1] = arena as usize;
+                    let dirty_ms: isize = dirty.read().map_err(arena_err(DIRTY, arena))?;
+                    let muzzy_ms: isize = muzzy.read().map_err(arena_err(MUZZY, arena))?;
+                    Ok((arena, dirty_ms as i64, muzzy_ms as i64))
+                })
+                .collect()
+        }
+
+        /// Makes `write` and answers the write that undoes it (the previous value).
+        pub(crate) fn write(&self, write: Write) -> Result<Write, JemallocError> {
+            let decay = |name: &'static [u8], key: &'static str, ms: isize| {
+                fault(key)?;
+                name.name().update(ms).map_err(err(key))
+            };
+            let arena_decay = |name: &'static [u8], key: &'static str, arena: u32, ms: isize| {
+                fault(key)?;
+                arena_mib(name, key, arena)?
+                    .update(ms)
+                    .map_err(arena_err(key, arena))
+            };
+            Ok(match write {
+                Write::BackgroundThread(on) => {
+                    fault("background_thread")?;
+                    Write::BackgroundThread(
+                        self.background_thread
+                            .update(on)
+                            .map_err(err("background_thread"))?,
+                    )
+                }
+                Write::MaxBackgroundThreads(threads) => {
+                    fault("max_background_threads")?;
+                    Write::MaxBackgroundThreads(
+                        max_background_threads::update(threads)
+                            .map_err(err("max_background_threads"))?,
+                    )
+                }
+                Write::DefaultDirtyDecay(ms) => Write::DefaultDirtyDecay(decay(
+                    b"arenas.dirty_decay_ms\0",
+                    "arenas.dirty_decay_ms",
+                    ms,
+                )?),
+                Write::DefaultMuzzyDecay(ms) => Write::DefaultMuzzyDecay(decay(
+                    b"arenas.muzzy_decay_ms\0",
+                    "arenas.muzzy_decay_ms",
+                    ms,
+                )?),
+                Write::DirtyDecay(arena, ms) => Write::DirtyDecay(
+                    arena,
+                    arena_decay(
+                        b"arena.0.dirty_decay_ms\0",
+                        "arena.<i>.dirty_decay_ms",
+                        arena,
+                        ms,
+                    )?,
+                ),
+                Write::MuzzyDecay(arena, ms) => Write::MuzzyDecay(
+                    arena,
+                    arena_decay(
+                        b"arena.0.muzzy_decay_ms\0",
+                        "arena.<i>.muzzy_decay_ms",
+                        arena,
+                        ms,
+                    )?,
+                ),
+            })
+        }
+
+        /// Each initialized arena's figures, from the current epoch (call after
+        /// [`snapshot`](Self::snapshot)).
+        pub(crate) fn arena_figures(&self) -> Result<Vec<ArenaFigures>, JemallocError> {
+            const KEY: &str = "stats.arenas.<i>";
+            // `stats.arenas.<i>.<x>`: the arena index is the third component.
+            let mib = |name: &'static [u8]| -> Result<Mib<[usize; 4]>, JemallocError> {
+                name.name().mib().map_err(err(KEY))
+            };
+            let (mut resident, mut pdirty, mut pmuzzy, mut nthreads) = (
+                mib(b"stats.arenas.0.resident\0")?,
+                mib(b"stats.arenas.0.pdirty\0")?,
+                mib(b"stats.arenas.0.pmuzzy\0")?,
+                mib(b"stats.arenas.0.nthreads\0")?,
+            );
+            self.initialized_arenas()?
+                .into_iter()
+                .map(|arena| {
+                    for mib in [&mut resident, &mut pdirty, &mut pmuzzy, &mut nthreads] {
+                        mib[2] = arena as usize;
+                    }
+                    let read = |mib: &Mib<[usize; 4]>| -> Result<u64, JemallocError> {
+                        let value: usize = mib.read().map_err(arena_err(KEY, arena))?;
+                        Ok(value as u64)
+                    };
+                    let threads: u32 = nthreads.read().map_err(arena_err(KEY, arena))?;
+                    Ok(ArenaFigures {
+                        arena,
+                        resident: read(&resident)?,
+                        dirty: read(&pdirty)? * self.page,
+                        muzzy: read(&pmuzzy)? * self.page,
+                        threads: u64::from(threads),
+                    })
+                })
+                .collect()
+        }
+    }
+
     /// tikv-jemalloc-ctl's string reads keep jemalloc's C terminator.
     fn trim_nul(s: &'static str) -> &'static str {
         s.trim_end_matches('\0')
@@ -378,7 +598,9 @@ mod imp {
 
 #[cfg(not(jemalloc))]
 mod unsupported {
-    use super::{ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings};
+    use super::{
+        ArenaFigures, ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings, Write,
+    };
 
     /// Stand-in for builds without jemalloc: it can never be constructed.
     pub(crate) enum Ctl {}
@@ -404,6 +626,27 @@ mod unsupported {
             match *self {}
         }
         pub(crate) fn settings(&self) -> Result<Settings, JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn background_thread_limit(&self) -> Result<u64, JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn initialized_arenas(&self) -> Result<Vec<u32>, JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn decay_defaults(&self) -> Result<(i64, i64), JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn max_background_threads(&self) -> Result<u64, JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn arena_decays(&self) -> Result<Vec<(u32, i64, i64)>, JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn write(&self, _: Write) -> Result<Write, JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn arena_figures(&self) -> Result<Vec<ArenaFigures>, JemallocError> {
             match *self {}
         }
         pub(crate) fn stats_print(

@@ -10,9 +10,11 @@
 //! an export may then mix gauges of two snapshots (each value still a real reading) and the
 //! epoch may advance once more than strictly needed.
 
+use super::ctl::ArenaFigures;
 use super::figures::FIGURES;
 use super::{JemallocError, JemallocStats};
-use opentelemetry::metrics::Meter;
+use crate::process::{CgroupMemory, ProcessUsage};
+use opentelemetry::metrics::{AsyncInstrument, AsyncInstrumentBuilder, Meter, ObservableGauge};
 use opentelemetry::KeyValue;
 use std::sync::{Arc, Mutex};
 
@@ -51,23 +53,124 @@ use std::sync::{Arc, Mutex};
 /// tower_jemalloc::register_instruments(&meter).expect("jemalloc is the global allocator");
 /// ```
 pub fn register_instruments(meter: &Meter) -> Result<(), JemallocError> {
+    register(meter, false)
+}
+
+/// [`register_instruments`], with the per-arena gauges when `per_arena` is set.
+pub(crate) fn register(meter: &Meter, per_arena: bool) -> Result<(), JemallocError> {
     let ctl = super::ctl::ctl()?;
     let version = ctl.version()?;
-    let snapshot = Arc::new(SharedSnapshot::default());
+    let snapshot = Arc::new(SharedSnapshot::new(per_arena));
     for (field, figure) in FIGURES.iter().enumerate() {
-        let snapshot = Arc::clone(&snapshot);
         // The instrument handle is a zero-sized marker: the SDK keeps the callback registered
         // for the provider's lifetime whether or not the handle is kept.
-        let _gauge = meter
-            .u64_observable_gauge(format!("jemalloc.{}", figure.name))
-            .with_unit("By")
-            .with_description(figure.help)
-            .with_callback(move |observer| {
-                if let Some(value) = snapshot.observe(field) {
+        let _gauge = gauge(
+            meter,
+            format!("jemalloc.{}", figure.name),
+            figure.help,
+            "By",
+        )
+        .with_callback(snapshot.callback(move |snapshot, observer| {
+            if let Some(stats) = &snapshot.stats {
+                if let Some((_, value)) = stats.iter().nth(field) {
                     observer.observe(value, &[]);
                 }
-            })
-            .build();
+            }
+        }))
+        .build();
+    }
+
+    // The process's whole memory beside jemalloc's, from the same snapshot: what makes RSS
+    // differ from `resident` (thread stacks, mapped files, another allocator) shows here.
+    let _rss = gauge(
+        meter,
+        "process.memory.usage".into(),
+        "The process's resident memory (VmRSS), read with the jemalloc gauges",
+        "By",
+    )
+    .with_callback(snapshot.callback(|snapshot, observer| {
+        if let Some(usage) = snapshot.process {
+            observer.observe(usage.resident, &[]);
+        }
+    }))
+    .build();
+    let _virtual = gauge(
+        meter,
+        "process.memory.virtual".into(),
+        "The process's virtual memory (VmSize), read with the jemalloc gauges",
+        "By",
+    )
+    .with_callback(snapshot.callback(|snapshot, observer| {
+        if let Some(usage) = snapshot.process {
+            observer.observe(usage.virtual_size, &[]);
+        }
+    }))
+    .build();
+    // The cgroup's figures exist only inside a cgroup v2; no series elsewhere (never a fake
+    // zero), and none for the limit when there is none.
+    let _cgroup_usage = gauge(
+        meter,
+        "process.cgroup.memory.usage".into(),
+        "Memory the kernel charges to the process's cgroup v2 (memory.current)",
+        "By",
+    )
+    .with_callback(snapshot.callback(|snapshot, observer| {
+        if let Some(cgroup) = snapshot.cgroup {
+            observer.observe(cgroup.current, &[]);
+        }
+    }))
+    .build();
+    let _cgroup_limit = gauge(
+        meter,
+        "process.cgroup.memory.limit".into(),
+        "The memory limit of the process's cgroup v2 (memory.max), when it has one",
+        "By",
+    )
+    .with_callback(snapshot.callback(|snapshot, observer| {
+        if let Some(max) = snapshot.cgroup.and_then(|cgroup| cgroup.max) {
+            observer.observe(max, &[]);
+        }
+    }))
+    .build();
+
+    if per_arena {
+        type Figure = fn(&ArenaFigures) -> u64;
+        let figures: [(&str, &str, &str, Figure); 4] = [
+            (
+                "jemalloc.arena.resident",
+                "Resident bytes of one jemalloc arena",
+                "By",
+                |arena| arena.resident,
+            ),
+            (
+                "jemalloc.arena.dirty",
+                "Bytes in the unused dirty pages of one jemalloc arena",
+                "By",
+                |arena| arena.dirty,
+            ),
+            (
+                "jemalloc.arena.muzzy",
+                "Bytes in the unused muzzy pages of one jemalloc arena",
+                "By",
+                |arena| arena.muzzy,
+            ),
+            (
+                "jemalloc.arena.threads",
+                "Threads assigned to one jemalloc arena",
+                "",
+                |arena| arena.threads,
+            ),
+        ];
+        for (name, help, unit, figure) in figures {
+            let _gauge = gauge(meter, name.into(), help, unit)
+                .with_callback(snapshot.callback(move |snapshot, observer| {
+                    for arena in &snapshot.arenas {
+                        let label = KeyValue::new("arena", i64::from(arena.arena));
+                        observer.observe(figure(arena), &[label]);
+                    }
+                }))
+                .build();
+        }
     }
 
     // A few cheap gauges that need no epoch advance.
@@ -91,6 +194,31 @@ pub fn register_instruments(meter: &Meter) -> Result<(), JemallocError> {
             }
         })
         .build();
+    for (name, help, pick) in [
+        (
+            "jemalloc.dirty_decay",
+            "How long a freed page stays dirty before it is returned, for new arenas \
+             (arenas.dirty_decay_ms, in seconds; -1: never)",
+            (|(dirty, _)| dirty) as fn((i64, i64)) -> i64,
+        ),
+        (
+            "jemalloc.muzzy_decay",
+            "How long a page stays muzzy before it is returned, for new arenas \
+             (arenas.muzzy_decay_ms, in seconds; -1: never)",
+            |(_, muzzy)| muzzy,
+        ),
+    ] {
+        let _decay = meter
+            .f64_observable_gauge(name)
+            .with_unit("s")
+            .with_description(help)
+            .with_callback(move |observer| {
+                if let Ok(defaults) = ctl.decay_defaults() {
+                    observer.observe(decay_seconds(pick(defaults)), &[]);
+                }
+            })
+            .build();
+    }
     let _info = meter
         .u64_observable_gauge("jemalloc.info")
         .with_description("jemalloc's version as a label; always 1")
@@ -131,9 +259,44 @@ fn register_profiling(meter: &Meter, ctl: &'static super::ctl::Ctl) {
         .build();
 }
 
-/// The snapshot the figure gauges' callbacks of one registration share.
+/// A decay time in seconds, with jemalloc's `-1` (never) kept as `-1`.
+fn decay_seconds(ms: i64) -> f64 {
+    if ms < 0 {
+        -1.0
+    } else {
+        ms as f64 / 1000.0
+    }
+}
+
+/// A `u64` gauge builder with its help and unit (none when empty).
+fn gauge<'a>(
+    meter: &'a Meter,
+    name: String,
+    help: &'static str,
+    unit: &'static str,
+) -> AsyncInstrumentBuilder<'a, ObservableGauge<u64>, u64> {
+    let gauge = meter.u64_observable_gauge(name).with_description(help);
+    if unit.is_empty() {
+        gauge
+    } else {
+        gauge.with_unit(unit)
+    }
+}
+
+/// What one collection reads, once, for every gauge that needs an epoch advance.
 #[derive(Default)]
+struct Snapshot {
+    /// `None` when reading it failed.
+    stats: Option<JemallocStats>,
+    process: Option<ProcessUsage>,
+    cgroup: Option<CgroupMemory>,
+    /// Empty unless the per-arena gauges are registered.
+    arenas: Vec<ArenaFigures>,
+}
+
+/// The snapshot the gauges' callbacks of one registration share.
 struct SharedSnapshot {
+    per_arena: bool,
     state: Mutex<SnapshotState>,
 }
 
@@ -141,30 +304,70 @@ struct SharedSnapshot {
 struct SnapshotState {
     /// Incremented each time a new snapshot is taken.
     cycle: u64,
-    /// The snapshot of `cycle`; `None` when reading it failed.
-    stats: Option<JemallocStats>,
-    /// The last cycle each gauge reported, by row of the figures table.
-    reported: [u64; FIGURES.len()],
+    snapshot: Snapshot,
+    /// The last cycle each gauge reported, by gauge (in the order they were registered).
+    reported: Vec<u64>,
 }
 
 impl SharedSnapshot {
-    /// The value of gauge `field` for the current collection, taking a new snapshot when this
-    /// gauge already reported the current one (which means a new collection has started).
-    fn observe(&self, field: usize) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.reported[field] == state.cycle {
-            state.cycle += 1;
-            state.stats = match super::ctl::ctl().and_then(|ctl| ctl.snapshot()) {
-                Ok(stats) => Some(stats),
-                Err(e) => {
-                    tracing::warn!("tower-jemalloc: cannot read jemalloc stats: {e}");
-                    None
-                }
-            };
+    fn new(per_arena: bool) -> Self {
+        Self {
+            per_arena,
+            state: Mutex::default(),
         }
-        let cycle = state.cycle;
-        state.reported[field] = cycle;
-        let stats = state.stats?;
-        stats.iter().nth(field).map(|(_, value)| value)
+    }
+
+    /// A callback that reports from the snapshot of the current collection (taking a new
+    /// one when this gauge already reported the current one: a new collection has started).
+    fn callback(
+        self: &Arc<Self>,
+        report: impl Fn(&Snapshot, &dyn AsyncInstrument<u64>) + Send + Sync + 'static,
+    ) -> impl Fn(&dyn AsyncInstrument<u64>) + Send + Sync + 'static {
+        let gauge = {
+            let mut state = self.lock();
+            state.reported.push(0);
+            state.reported.len() - 1
+        };
+        let shared = Arc::clone(self);
+        move |observer| {
+            let mut state = shared.lock();
+            if state.reported[gauge] == state.cycle {
+                state.cycle += 1;
+                state.snapshot = shared.read();
+            }
+            state.reported[gauge] = state.cycle;
+            report(&state.snapshot, observer);
+        }
+    }
+
+    /// Advances jemalloc's epoch once and reads everything the gauges report.
+    fn read(&self) -> Snapshot {
+        let ctl = super::ctl::ctl();
+        let stats = match ctl.clone().and_then(|ctl| ctl.snapshot()) {
+            Ok(stats) => Some(stats),
+            Err(e) => {
+                tracing::warn!("tower-jemalloc: cannot read jemalloc stats: {e}");
+                None
+            }
+        };
+        let arenas = match ctl {
+            Ok(ctl) if self.per_arena && stats.is_some() => {
+                ctl.arena_figures().unwrap_or_else(|e| {
+                    tracing::warn!("tower-jemalloc: cannot read per-arena stats: {e}");
+                    Vec::new()
+                })
+            }
+            _ => Vec::new(),
+        };
+        Snapshot {
+            stats,
+            process: ProcessUsage::read(),
+            cgroup: CgroupMemory::read(),
+            arenas,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SnapshotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

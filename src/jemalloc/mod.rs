@@ -7,6 +7,7 @@
 //! - [`purge`]: returning unused pages to the OS, one purge at a time.
 //! - [`profiling`]: the heap profiler switched on and off, its dumps as pprof or flame graphs.
 //! - [`summary`]: jemalloc's configuration and a plain-language reading of the figures.
+//! - [`tuning`]: background threads and decay times, read and changed at run time.
 
 pub(crate) mod ctl;
 pub(crate) mod dump;
@@ -18,9 +19,11 @@ pub(crate) mod instruments;
 pub(crate) mod profiling;
 pub(crate) mod purge;
 pub(crate) mod summary;
+pub(crate) mod tuning;
 
 pub use error::JemallocError;
 pub use figures::JemallocStats;
 pub use profiling::{ProfilingChange, ProfilingStatus};
 pub use purge::{purge_all_arenas, PurgeError, PurgeMode, PurgeReport, UnknownPurgeMode};
 pub use summary::{BackgroundThread, MallocConf, Ratios, StatsSummary};
+pub use tuning::{ArenaDecay, ConfigUpdate, JemallocConfig, MAX_DECAY_MS};

@@ -3,6 +3,7 @@
 
 use super::ctl::{Ctl, Settings};
 use super::{JemallocError, JemallocStats};
+use crate::process::{CgroupMemory, ProcessUsage};
 use serde::{Deserialize, Serialize};
 
 /// The `summary` of `GET /debug/jemalloc/stats`: what the figures mean and what to do about
@@ -78,10 +79,19 @@ impl StatsSummary {
         let environment = std::env::var("_RJEM_MALLOC_CONF")
             .or_else(|_| std::env::var("MALLOC_CONF"))
             .ok();
-        Ok(Self::new(&settings, stats, environment))
+        let outside = Outside {
+            process: ProcessUsage::read(),
+            cgroup: CgroupMemory::read(),
+        };
+        Ok(Self::new(&settings, stats, environment, &outside))
     }
 
-    fn new(settings: &Settings, stats: JemallocStats, environment: Option<String>) -> Self {
+    fn new(
+        settings: &Settings,
+        stats: JemallocStats,
+        environment: Option<String>,
+        outside: &Outside,
+    ) -> Self {
         Self {
             version: settings.version.to_owned(),
             background_thread: BackgroundThread {
@@ -99,7 +109,7 @@ impl StatsSummary {
                 active_to_allocated: ratio(stats.active, stats.allocated),
                 resident_to_active: ratio(stats.resident, stats.active),
             },
-            hints: hints(settings, &stats),
+            hints: hints(settings, &stats, outside),
             stats,
         }
     }
@@ -112,8 +122,15 @@ fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The process's memory as the kernel sees it, beside jemalloc's figures.
+#[derive(Debug, Default)]
+struct Outside {
+    process: Option<ProcessUsage>,
+    cgroup: Option<CgroupMemory>,
+}
+
 /// What the figures suggest, in plain language.
-fn hints(settings: &Settings, stats: &JemallocStats) -> Vec<String> {
+fn hints(settings: &Settings, stats: &JemallocStats, outside: &Outside) -> Vec<String> {
     let mut hints = Vec::new();
     let mib = |bytes: u64| bytes as f64 / MIB;
     if !settings.background_threads_running {
@@ -159,6 +176,43 @@ fn hints(settings: &Settings, stats: &JemallocStats) -> Vec<String> {
             stats.active as f64 / stats.allocated as f64
         ));
     }
+    if let Some(process) = outside.process {
+        let beyond = process.resident.saturating_sub(stats.resident);
+        if beyond > 64 << 20 && beyond > process.resident / 4 {
+            hints.push(format!(
+                "RSS ({:.1} MiB) is {:.1} MiB above jemalloc's resident ({:.1} MiB): that memory \
+                 is outside jemalloc (thread stacks, mapped files, another allocator such as a \
+                 C library's malloc, or MADV_FREE pages not yet reclaimed). A purge or decay \
+                 settings do not return it.",
+                mib(process.resident),
+                mib(beyond),
+                mib(stats.resident)
+            ));
+        }
+    }
+    if let Some(CgroupMemory {
+        current,
+        max: Some(limit),
+    }) = outside.cgroup
+    {
+        let share = 100.0 * stats.resident as f64 / limit as f64;
+        let mut hint = format!(
+            "jemalloc's resident is {share:.0}% of the cgroup's memory limit ({:.1} MiB; the \
+             cgroup uses {:.1} MiB).",
+            mib(limit),
+            mib(current)
+        );
+        if current as f64 >= 0.8 * limit as f64 {
+            hint.push_str(&format!(
+                " The cgroup is near its limit, where the kernel reclaims and then kills: \
+                 {:.1} MiB of dirty pages could go back now with a purge, or steadily with \
+                 background_thread=true and a shorter dirty_decay_ms (PUT \
+                 /debug/jemalloc/config).",
+                mib(stats.dirty)
+            ));
+        }
+        hints.push(hint);
+    }
     hints
 }
 
@@ -187,7 +241,7 @@ mod tests {
             resident: 130 * MIB,
             ..JemallocStats::default()
         };
-        assert!(hints(&settings(true, 10_000), &calm).is_empty());
+        assert!(hints(&settings(true, 10_000), &calm, &Outside::default()).is_empty());
 
         let hints = hints(
             &settings(false, -1),
@@ -200,6 +254,7 @@ mod tests {
                 muzzy: 10 * MIB,
                 ..JemallocStats::default()
             },
+            &Outside::default(),
         );
         let all = hints.join("\n");
         assert_eq!(hints.len(), 6, "{all}");
@@ -221,6 +276,7 @@ mod tests {
             &settings(true, 10_000),
             JemallocStats::default(),
             Some("a\"b".into()),
+            &Outside::default(),
         );
         let out = serde_json::to_string(&summary).unwrap();
         assert!(
@@ -229,6 +285,48 @@ mod tests {
         );
         assert!(out.starts_with(r#"{"version":"5.3.0","background_thread":{"enabled_at_start":true,"running":true},"dirty_decay_ms":10000,"muzzy_decay_ms":0,"arenas":4,"malloc_conf":{"compiled":"","environment":"a\"b"},"stats":{"allocated":0,"#), "{out}");
         assert_eq!(serde_json::from_str::<StatsSummary>(&out).unwrap(), summary);
+    }
+
+    #[test]
+    fn hints_name_memory_outside_jemalloc_and_the_cgroup_limit() {
+        const MIB: u64 = 1 << 20;
+        let stats = JemallocStats {
+            allocated: 300 * MIB,
+            active: 310 * MIB,
+            resident: 400 * MIB,
+            dirty: 80 * MIB,
+            ..JemallocStats::default()
+        };
+        let outside = |rss: u64, current: u64, max: Option<u64>| Outside {
+            process: Some(ProcessUsage {
+                resident: rss * MIB,
+                virtual_size: 4 * rss * MIB,
+            }),
+            cgroup: Some(CgroupMemory {
+                current: current * MIB,
+                max: max.map(|max| max * MIB),
+            }),
+        };
+        let hints_for = |outside| hints(&settings(true, 10_000), &stats, &outside).join("\n");
+        // RSS close to resident, no limit: nothing to say.
+        assert_eq!(hints_for(outside(420, 430, None)), "");
+        let all = hints_for(outside(600, 620, Some(1000)));
+        assert!(
+            all.contains("RSS (600.0 MiB) is 200.0 MiB above jemalloc's resident (400.0 MiB)"),
+            "{all}"
+        );
+        assert!(
+            all.contains("resident is 40% of the cgroup's memory limit (1000.0 MiB; the cgroup uses 620.0 MiB).")
+                && !all.contains("near its limit"),
+            "{all}"
+        );
+        let near = hints_for(outside(420, 850, Some(1000)));
+        assert!(!near.contains("RSS ("), "{near}");
+        assert!(near.contains("near its limit"), "{near}");
+        assert!(
+            near.contains("80.0 MiB of dirty pages could go back"),
+            "{near}"
+        );
     }
 
     #[test]
