@@ -202,16 +202,15 @@ mod imp {
         for_: Option<Duration>,
     ) -> Result<(ProfilingStatus, ProfilingStatus), ProfilingError> {
         let ctl = started()?;
+        let for_ = for_.filter(|_| active);
+        if for_.is_some() {
+            // Before switching anything: no switch-on with a for= that nothing would end.
+            EXPIRY.start_timer()?;
+        }
         let mut expiry = EXPIRY.lock();
         let before = read_status(ctl, *expiry)?;
         ctl.set_prof_active(active)?;
-        let deadline = for_
-            .filter(|_| active)
-            .map(|d| Instant::now() + d.min(MAX_ACTIVE_FOR));
-        *expiry = deadline;
-        if deadline.is_some() {
-            EXPIRY.start_timer()?;
-        }
+        *expiry = for_.map(|d| Instant::now() + d.min(MAX_ACTIVE_FOR));
         EXPIRY.wake.notify_all();
         let after = read_status(ctl, *expiry)?;
         Ok((before, after))
