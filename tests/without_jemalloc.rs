@@ -78,6 +78,18 @@ async fn purge_answers_with_the_reason() {
     // The method check still comes first.
     let answer = send(&mut service, request("GET", "/debug/jemalloc/purge")).await;
     assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+
+    // The heap profile and profiling endpoints (which follow purge's rules) give jemalloc's
+    // reason before the profiler's.
+    for (method, path) in [
+        ("GET", "/debug/pprof/heap"),
+        ("GET", "/debug/jemalloc/profiling"),
+        ("PUT", "/debug/jemalloc/profiling?active=true"),
+    ] {
+        let answer = send(&mut service, request(method, path)).await;
+        assert_eq!(answer.status, status, "{method} {path}");
+        assert_eq!(answer.text(), format!("{error}\n"), "{method} {path}");
+    }
 }
 
 #[test]
