@@ -305,6 +305,9 @@ mod with_the_feature {
         // Symbolized: the function's name is in the profile's string table.
         assert!(contains(&profile, "held_before_the_window"));
         assert!(contains(&profile, "inuse_space"));
+        // The allocator's frames are named for pprof's drop_frames, so that the bytes are
+        // attributed to the code that allocated.
+        assert!(contains(&profile, "_rjem_.*|prof_backtrace_impl"));
 
         let answer = send(
             &mut service,

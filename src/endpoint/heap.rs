@@ -3,7 +3,9 @@
 //!
 //! - By default the live heap as gzipped pprof protobuf (`application/octet-stream`),
 //!   symbolized: function names are inside, so `go tool pprof`, Pyroscope, Polar Signals or
-//!   speedscope read it without the binary. One sample type, `inuse_space` in bytes.
+//!   speedscope read it without the binary. One sample type, `inuse_space` in bytes. The
+//!   allocator's own frames (jemalloc's, Rust's allocation shims) are named in `drop_frames`,
+//!   so that `go tool pprof` attributes bytes to the code that allocated.
 //! - `?format=flamegraph`: an SVG flame graph of the same (`image/svg+xml`), for a browser.
 //! - `?seconds=N` (1 to 300), as Go's handler: the growth over the next N seconds, the
 //!   profile at the end minus the profile at the start, per stack. In pprof, a stack whose

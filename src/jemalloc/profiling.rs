@@ -373,7 +373,9 @@ mod imp {
     ) -> Result<Vec<u8>, ProfilingError> {
         match format {
             ProfileFormat::Pprof => {
-                Ok(profile.to_pprof(("inuse_space", "bytes"), ("space", "bytes"), None))
+                let pprof = profile.to_pprof(("inuse_space", "bytes"), ("space", "bytes"), None);
+                with_drop_frames(&pprof, ALLOCATOR_FRAMES)
+                    .map_err(|e| ProfilingError::Failed(format!("cannot encode it: {e}")))
             }
             ProfileFormat::Flamegraph => {
                 let mut shown = profile;
@@ -395,9 +397,117 @@ mod imp {
         }
     }
 
+    /// The allocator's own frames at the leaf of every sampled stack: jemalloc's profiler and
+    /// allocation functions, Rust's global-allocator shims, and the `alloc` crate's
+    /// allocation plumbing. Named in the profile's `drop_frames`, which `go tool pprof` (as
+    /// for C++ heap profiles) uses to cut them and everything they call, so that a stack's
+    /// bytes are attributed, flat, to the code that allocated, not to `prof_backtrace_impl`.
+    const ALLOCATOR_FRAMES: &str =
+        "_rjem_.*|prof_backtrace_impl|__rust_(alloc|alloc_zeroed|realloc)\
+         |__rdl_.*|<tikv_jemallocator::Jemalloc as .*|alloc::alloc::.*|alloc::raw_vec::.*";
+
+    /// `gzipped`, a gzipped pprof `Profile`, with `drop_frames` set to `regex`. The message is
+    /// extended, not rewritten: protobuf merges a field appended to a message, so `regex` goes
+    /// at the end of the string table (field 6) and its index in `drop_frames` (field 7).
+    fn with_drop_frames(gzipped: &[u8], regex: &str) -> std::io::Result<Vec<u8>> {
+        use flate2::{read::GzDecoder, write::GzEncoder, Compression};
+        use std::io::Write;
+        let mut message = Vec::new();
+        GzDecoder::new(gzipped).read_to_end(&mut message)?;
+        let strings = count_field(&message, 6)?;
+        push_varint(&mut message, 6 << 3 | 2);
+        push_varint(&mut message, regex.len() as u64);
+        message.extend_from_slice(regex.as_bytes());
+        push_varint(&mut message, 7 << 3);
+        push_varint(&mut message, strings);
+        let mut out = GzEncoder::new(Vec::new(), Compression::default());
+        out.write_all(&message)?;
+        out.finish()
+    }
+
+    /// How many times top-level field `field` occurs in the protobuf `message`.
+    fn count_field(message: &[u8], field: u64) -> std::io::Result<u64> {
+        let malformed = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed pprof");
+        let (mut at, mut count) = (0, 0);
+        while at < message.len() {
+            let tag = read_varint(message, &mut at).ok_or_else(malformed)?;
+            let skip = match tag & 7 {
+                0 => read_varint(message, &mut at).map(|_| 0),
+                1 => Some(8),
+                2 => read_varint(message, &mut at).and_then(|len| usize::try_from(len).ok()),
+                5 => Some(4),
+                _ => None,
+            }
+            .ok_or_else(malformed)?;
+            at = at
+                .checked_add(skip)
+                .filter(|&end| end <= message.len())
+                .ok_or_else(malformed)?;
+            count += u64::from(tag >> 3 == field);
+        }
+        Ok(count)
+    }
+
+    fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *bytes.get(*at)?;
+            *at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+        while value >= 0x80 {
+            out.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn drop_frames_is_appended_after_the_string_table() {
+            let mut profile = StackProfile::default();
+            profile.push_stack(
+                WeightedStack {
+                    addrs: vec![1, 2],
+                    weight: 4096.0,
+                },
+                None,
+            );
+            let pprof = profile.to_pprof(("inuse_space", "bytes"), ("space", "bytes"), None);
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&pprof[..])
+                .read_to_end(&mut plain)
+                .unwrap();
+            let strings = count_field(&plain, 6).unwrap();
+            assert!(strings >= 4, "\"\", inuse_space, space and bytes at least");
+
+            let extended = with_drop_frames(&pprof, "x|y").unwrap();
+            let mut message = Vec::new();
+            flate2::read::GzDecoder::new(&extended[..])
+                .read_to_end(&mut message)
+                .unwrap();
+            assert_eq!(
+                &message[..plain.len()],
+                &plain[..],
+                "the profile is kept as it was"
+            );
+            let mut tail = vec![6 << 3 | 2, 3];
+            tail.extend_from_slice(b"x|y");
+            tail.extend_from_slice(&[7 << 3, strings as u8]);
+            assert_eq!(&message[plain.len()..], &tail[..]);
+            assert_eq!(count_field(&message, 6).unwrap(), strings + 1);
+            assert!(count_field(&message[..3], 6).is_err(), "cut short");
+        }
 
         fn profile(stacks: &[(&[usize], f64)]) -> StackProfile {
             let mut profile = StackProfile::default();
