@@ -34,6 +34,8 @@ async fn debug_endpoints_are_closed_by_default_and_metrics_open() {
     for (method, path, endpoint) in [
         ("POST", "/debug/jemalloc/purge", "Purge"),
         ("GET", "/debug/jemalloc/stats", "Stats"),
+        ("GET", "/debug/jemalloc/config", "Config"),
+        ("PUT", "/debug/jemalloc/config?dirty_decay_ms=0", "Config"),
         ("GET", "/debug/pprof/heap", "Heap"),
         ("GET", "/debug/jemalloc/profiling", "Profiling"),
         ("PUT", "/debug/jemalloc/profiling?active=true", "Profiling"),

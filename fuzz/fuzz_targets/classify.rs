@@ -39,6 +39,7 @@ enum Endpointish<'a> {
     Metrics,
     Purge,
     Stats,
+    Config,
     Heap,
     Profiling,
     Prefixed(&'a str),
@@ -103,6 +104,7 @@ fuzz_target!(|input: Input<'_>| {
         Endpointish::Metrics => "/metrics".to_owned(),
         Endpointish::Purge => "/debug/jemalloc/purge".to_owned(),
         Endpointish::Stats => "/debug/jemalloc/stats".to_owned(),
+        Endpointish::Config => "/debug/jemalloc/config".to_owned(),
         Endpointish::Heap => "/debug/pprof/heap".to_owned(),
         Endpointish::Profiling => "/debug/jemalloc/profiling".to_owned(),
         Endpointish::Prefixed(rest) => format!("/metrics{rest}"),
@@ -161,6 +163,17 @@ fuzz_target!(|input: Input<'_>| {
             StatusCode::UNAUTHORIZED,
             StatusCode::TOO_MANY_REQUESTS,
         ]),
+        // 400: a bad or missing setting; 409: another change being made.
+        "/debug/jemalloc/config"
+            if method == Method::GET || method == Method::HEAD || method == Method::PUT =>
+        {
+            Some(&[
+                StatusCode::OK,
+                StatusCode::BAD_REQUEST,
+                StatusCode::UNAUTHORIZED,
+                StatusCode::CONFLICT,
+            ])
+        }
         // Built without the profiling feature: 501 once admitted and its parameters read.
         "/debug/pprof/heap" if method == Method::GET => Some(&[
             StatusCode::BAD_REQUEST,
@@ -175,6 +188,7 @@ fuzz_target!(|input: Input<'_>| {
         "/metrics"
         | "/debug/jemalloc/purge"
         | "/debug/jemalloc/stats"
+        | "/debug/jemalloc/config"
         | "/debug/pprof/heap"
         | "/debug/jemalloc/profiling" => Some(&[StatusCode::METHOD_NOT_ALLOWED]),
         _ => None,
