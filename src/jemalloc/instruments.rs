@@ -81,57 +81,41 @@ pub(crate) fn register(meter: &Meter, per_arena: bool) -> Result<(), JemallocErr
     }
 
     // The process's whole memory beside jemalloc's, from the same snapshot: what makes RSS
-    // differ from `resident` (thread stacks, mapped files, another allocator) shows here.
-    let _rss = gauge(
-        meter,
-        "process.memory.usage".into(),
-        "The process's resident memory (VmRSS), read with the jemalloc gauges",
-        "By",
-    )
-    .with_callback(snapshot.callback(|snapshot, observer| {
-        if let Some(usage) = snapshot.process {
-            observer.observe(usage.resident, &[]);
-        }
-    }))
-    .build();
-    let _virtual = gauge(
-        meter,
-        "process.memory.virtual".into(),
-        "The process's virtual memory (VmSize), read with the jemalloc gauges",
-        "By",
-    )
-    .with_callback(snapshot.callback(|snapshot, observer| {
-        if let Some(usage) = snapshot.process {
-            observer.observe(usage.virtual_size, &[]);
-        }
-    }))
-    .build();
-    // The cgroup's figures exist only inside a cgroup v2; no series elsewhere (never a fake
-    // zero), and none for the limit when there is none.
-    let _cgroup_usage = gauge(
-        meter,
-        "process.cgroup.memory.usage".into(),
-        "Memory the kernel charges to the process's cgroup v2 (memory.current)",
-        "By",
-    )
-    .with_callback(snapshot.callback(|snapshot, observer| {
-        if let Some(cgroup) = snapshot.cgroup {
-            observer.observe(cgroup.current, &[]);
-        }
-    }))
-    .build();
-    let _cgroup_limit = gauge(
-        meter,
-        "process.cgroup.memory.limit".into(),
-        "The memory limit of the process's cgroup v2 (memory.max), when it has one",
-        "By",
-    )
-    .with_callback(snapshot.callback(|snapshot, observer| {
-        if let Some(max) = snapshot.cgroup.and_then(|cgroup| cgroup.max) {
-            observer.observe(max, &[]);
-        }
-    }))
-    .build();
+    // differ from `resident` (thread stacks, mapped files, another allocator) shows here. The
+    // cgroup's figures exist only inside a cgroup v2: no series elsewhere (never a fake zero),
+    // and none for the limit when there is none.
+    type Reading = fn(&Snapshot) -> Option<u64>;
+    let process: [(&str, &str, Reading); 4] = [
+        (
+            "process.memory.usage",
+            "The process's resident memory (VmRSS), read with the jemalloc gauges",
+            |snapshot| snapshot.process.map(|usage| usage.resident),
+        ),
+        (
+            "process.memory.virtual",
+            "The process's virtual memory (VmSize), read with the jemalloc gauges",
+            |snapshot| snapshot.process.map(|usage| usage.virtual_size),
+        ),
+        (
+            "process.cgroup.memory.usage",
+            "Memory the kernel charges to the process's cgroup v2 (memory.current)",
+            |snapshot| snapshot.cgroup.map(|cgroup| cgroup.current),
+        ),
+        (
+            "process.cgroup.memory.limit",
+            "The memory limit of the process's cgroup v2 (memory.max), when it has one",
+            |snapshot| snapshot.cgroup.and_then(|cgroup| cgroup.max),
+        ),
+    ];
+    for (name, help, read) in process {
+        let _gauge = gauge(meter, name.into(), help, "By")
+            .with_callback(snapshot.callback(move |snapshot, observer| {
+                if let Some(value) = read(snapshot) {
+                    observer.observe(value, &[]);
+                }
+            }))
+            .build();
+    }
 
     if per_arena {
         type Figure = fn(&ArenaFigures) -> u64;
