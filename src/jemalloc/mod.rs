@@ -7,6 +7,7 @@
 //! - [`purge`]: returning unused pages to the OS, one purge at a time.
 //! - [`profiling`]: the heap profiler switched on and off, its dumps as pprof or flame graphs.
 //! - [`summary`]: jemalloc's configuration and a plain-language reading of the figures.
+//! - [`slot`]: work that runs one at a time in the process.
 //! - [`tuning`]: background threads and decay times, read and changed at run time.
 
 pub(crate) mod ctl;
@@ -18,6 +19,7 @@ pub(crate) mod figures;
 pub(crate) mod instruments;
 pub(crate) mod profiling;
 pub(crate) mod purge;
+mod slot;
 pub(crate) mod summary;
 pub(crate) mod tuning;
 

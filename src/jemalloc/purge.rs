@@ -8,10 +8,11 @@
 //! decay time (`dirty_decay_ms`, `muzzy_decay_ms`) has passed are released, which is gentler.
 
 use super::ctl::{ArenasControl, Ctl};
+use super::slot::Slot;
 use super::{JemallocError, JemallocStats};
 use crate::process::ProcessMemory;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -197,15 +198,15 @@ static LAST_PURGE_END: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// Holds the process's purge slot; releases it on drop (also when a purge panics).
 #[derive(Debug)]
-pub(crate) struct PurgeGuard(());
+pub(crate) struct PurgeGuard {
+    /// Released on drop.
+    _slot: Slot,
+}
 
 impl PurgeGuard {
     /// Takes the purge slot, or `None` when a purge is already running.
     pub(crate) fn acquire() -> Option<Self> {
-        RUNNING
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .ok()
-            .map(|_| Self(()))
+        Slot::take(&RUNNING).map(|_slot| Self { _slot })
     }
 
     /// When the last purge ended, if one has run. Read while holding the slot, it cannot
@@ -221,12 +222,6 @@ impl PurgeGuard {
         *LAST_PURGE_END.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         drop(self);
         result
-    }
-}
-
-impl Drop for PurgeGuard {
-    fn drop(&mut self) {
-        RUNNING.store(false, Ordering::Release);
     }
 }
 

@@ -6,9 +6,10 @@
 //! time in the process.
 
 use super::ctl::{Ctl, Write};
+use super::slot::Slot;
 use super::JemallocError;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 /// The longest decay time a change accepts, in milliseconds (one hour). jemalloc takes longer
 /// ones, but pages held that long are better described by `-1` (never).
@@ -232,15 +233,15 @@ static CHANGING: AtomicBool = AtomicBool::new(false);
 
 /// Holds the process's change slot; releases it on drop (also when a change panics).
 #[derive(Debug)]
-pub(crate) struct ChangeGuard(());
+pub(crate) struct ChangeGuard {
+    /// Released on drop.
+    _slot: Slot,
+}
 
 impl ChangeGuard {
     /// Takes the change slot, or `None` when a change is being made.
     pub(crate) fn acquire() -> Option<Self> {
-        CHANGING
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .ok()
-            .map(|_| Self(()))
+        Slot::take(&CHANGING).map(|_slot| Self { _slot })
     }
 
     /// Makes `change` on every initialized arena and for arenas created later, after checking
@@ -251,12 +252,6 @@ impl ChangeGuard {
         change: &ConfigChange,
     ) -> Result<ConfigUpdate, ChangeError> {
         apply(ctl, change)
-    }
-}
-
-impl Drop for ChangeGuard {
-    fn drop(&mut self) {
-        CHANGING.store(false, Ordering::Release);
     }
 }
 
