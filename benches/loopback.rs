@@ -177,6 +177,21 @@ async fn once(addr: SocketAddr, method: http::Method, path: &str) -> (http::Stat
     )
 }
 
+/// Request count, p50, p99, max and the count over 10 ms of `sorted` latencies, for one line.
+fn latency_line(sorted: &[Duration]) -> String {
+    format!(
+        "{} requests, p50 {:?}, p99 {:?}, max {:?}, {} over 10 ms",
+        sorted.len(),
+        percentile(sorted, 0.50),
+        percentile(sorted, 0.99),
+        sorted[sorted.len() - 1],
+        sorted
+            .iter()
+            .filter(|l| **l > Duration::from_millis(10))
+            .count(),
+    )
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -414,15 +429,8 @@ fn isolation_with(workers: usize) {
     ] {
         let (latencies, purge_seconds) = scenario(path);
         println!(
-            "  {name:<26} {} requests, p50 {:?}, p99 {:?}, max {:?}, {} over 10 ms{}",
-            latencies.len(),
-            percentile(&latencies, 0.50),
-            percentile(&latencies, 0.99),
-            latencies[latencies.len() - 1],
-            latencies
-                .iter()
-                .filter(|l| **l > Duration::from_millis(10))
-                .count(),
+            "  {name:<26} {}{}",
+            latency_line(&latencies),
             purge_seconds.map_or(String::new(), |s| format!(", purge took {:.1} ms", s * 1e3)),
         );
     }

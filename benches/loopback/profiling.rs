@@ -2,7 +2,7 @@
 //! handler, active against inactive; and one heap dump's time, size and effect on the
 //! latency of forwarded requests.
 
-use super::{load, median, once, percentile, runtime, serve_layered};
+use super::{latency_line, load, median, once, runtime, serve_layered};
 use crate::records::records;
 use axum::routing::get;
 use axum::Router;
@@ -185,15 +185,8 @@ fn isolation(client: &tokio::runtime::Runtime, addr: std::net::SocketAddr, worke
             (latencies, dump.await.unwrap())
         });
         println!(
-            "  {name:<20} {} requests, p50 {:?}, p99 {:?}, max {:?}, {} over 10 ms{}",
-            latencies.len(),
-            percentile(&latencies, 0.50),
-            percentile(&latencies, 0.99),
-            latencies[latencies.len() - 1],
-            latencies
-                .iter()
-                .filter(|l| **l > Duration::from_millis(10))
-                .count(),
+            "  {name:<20} {}{}",
+            latency_line(&latencies),
             dump.map_or(String::new(), |(took, bytes)| format!(
                 ", dump answered in {:.1} ms, {:.1} KiB",
                 took.as_secs_f64() * 1e3,
