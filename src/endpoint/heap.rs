@@ -80,6 +80,9 @@ impl Handler for Heap {
     type Output = Profiled;
 
     fn new(context: &Context<'_>) -> Self {
+        if context.settings.fast_stack_walk {
+            profiling::use_fast_stack_walk();
+        }
         Self {
             max_bytes: context.settings.heap_profile_max_bytes,
             live: [Flight::new(REUSE_WINDOW), Flight::new(REUSE_WINDOW)].map(Arc::new),

@@ -8,6 +8,7 @@
 //! - [`profiling`]: the heap profiler switched on and off, its dumps as pprof or flame graphs.
 //! - [`summary`]: jemalloc's configuration and a plain-language reading of the figures.
 //! - [`slot`]: work that runs one at a time in the process.
+//! - `stack_walk`: with the profiler on x86_64 Linux, a faster walk of sampled stacks.
 //! - [`tuning`]: background threads and decay times, read and changed at run time.
 
 pub(crate) mod ctl;
@@ -20,6 +21,8 @@ pub(crate) mod instruments;
 pub(crate) mod profiling;
 pub(crate) mod purge;
 mod slot;
+#[cfg(stack_walk)]
+pub(crate) mod stack_walk;
 pub(crate) mod summary;
 pub(crate) mod tuning;
 
