@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench loopback [-- passthrough|coalescing|isolation|reclaim]`
 //! `cargo bench --features profiling --bench loopback -- sampling|dumps`
+//!
+//! `requests-count`, only when named: a fixed number of requests, to count instructions under
+//! callgrind (see [`requests_count`]).
 
 use axum::extract::Request;
 use axum::response::IntoResponse;
@@ -31,7 +34,6 @@ static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
 #[cfg(feature = "profiling")]
 #[path = "loopback/profiling.rs"]
 mod profiling;
-#[cfg(feature = "profiling")]
 #[path = "loopback/records.rs"]
 mod records;
 
@@ -59,11 +61,16 @@ fn main() {
     if run("reclaim") {
         reclaim();
     }
+    // Only when named: it runs under callgrind.
+    if selected.iter().any(|s| s == "requests-count") {
+        requests_count();
+    }
     #[cfg(feature = "profiling")]
     {
         if run("sampling") {
             profiling::sampling();
         }
+
         if run("dumps") {
             profiling::dumps();
         }
@@ -175,6 +182,68 @@ async fn once(addr: SocketAddr, method: http::Method, path: &str) -> (http::Stat
         status,
         response.into_body().collect().await.unwrap().to_bytes(),
     )
+}
+
+/// The loopback figures in instructions, which repeat from run to run where throughput on a
+/// shared machine does not: `REQUESTS_COUNT` (default 2,000) requests, one after another on
+/// one keep-alive connection, to `REQUESTS_PATH`: `/` (default, a handler that allocates
+/// next to nothing, as the passthrough figure's) or `/records` (the allocation-heavy handler
+/// of the sampling figure), through the layer, served by one tokio worker. Run under
+/// `valgrind --tool=callgrind` with 0 and with N requests: the difference over N is the
+/// instructions per request, client and server together. With `--features profiling`,
+/// jemalloc's profiler is started and inactive unless `_RJEM_MALLOC_CONF=prof_active:true`
+/// says otherwise; `SAMPLING_WALK=jemalloc` keeps jemalloc's own walk of sampled stacks.
+fn requests_count() {
+    let count: usize = std::env::var("REQUESTS_COUNT")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000);
+    let path = match std::env::var("REQUESTS_PATH").as_deref() {
+        Ok("/records") => "/records",
+        _ => "/",
+    };
+    let walk = std::env::var("SAMPLING_WALK").unwrap_or_default();
+    let server = runtime(1);
+    let client = runtime(1);
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/records", get(|| async { records::records() }));
+    let layer = JemallocLayer::builder()
+        .fast_stack_walk(walk != "jemalloc")
+        .build()
+        .unwrap();
+    let addr = serve_layered(&server, router, layer);
+    client.block_on(requests_in_a_row(addr, path, 20)); // warm up
+    let start = Instant::now();
+    client.block_on(requests_in_a_row(addr, path, count));
+    use tikv_jemalloc_ctl::{Access, AsName};
+    let active: Result<bool, _> = b"prof.active\0".name().read();
+    println!(
+        "requests-count: {count} requests to {path}; profiling compiled in: {}, prof.active: \
+         {active:?}; {:.1} µs each",
+        cfg!(feature = "profiling"),
+        start.elapsed().as_secs_f64() * 1e6 / count.max(1) as f64
+    );
+}
+
+/// `count` requests to `path`, one after another on one keep-alive connection.
+async fn requests_in_a_row(addr: SocketAddr, path: &'static str, count: usize) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..count {
+        let request = http::Request::get(path)
+            .header("host", "127.0.0.1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender.ready().await.unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert!(response.status().is_success());
+        response.into_body().collect().await.unwrap();
+    }
 }
 
 /// Request count, p50, p99, max and the count over 10 ms of `sorted` latencies, for one line.

@@ -10,12 +10,23 @@ use http::{Method, StatusCode};
 use std::time::{Duration, Instant};
 use tower_jemalloc::{Endpoint, JemallocLayer};
 
-/// The layer with the debug endpoints open (loopback only).
+/// The layer with the debug endpoints open (loopback only). `SAMPLING_WALK=jemalloc` keeps
+/// jemalloc's own walk of sampled stacks instead of the layer's faster one.
 fn layer() -> JemallocLayer {
+    let walk = std::env::var("SAMPLING_WALK").unwrap_or_default();
     JemallocLayer::builder()
         .allow_anonymous(Endpoint::Purge)
+        .fast_stack_walk(walk != "jemalloc")
         .build()
         .unwrap()
+}
+
+/// The name of the walk [`layer`] chose, for the figures.
+fn walk_name() -> &'static str {
+    match std::env::var("SAMPLING_WALK").as_deref() {
+        Ok("jemalloc") => "jemalloc's stack walk",
+        _ => "the layer's stack walk",
+    }
 }
 
 /// Switches profiling on or off through the control endpoint.
@@ -75,8 +86,9 @@ pub(super) fn sampling() {
     let m_ratio = median(&mut ratios);
     println!(
         "sampling: /records allocates {:.0} KiB per request ({body} bytes of JSON answered); \
-         {CONNECTIONS} connections, {ROUNDS} rounds of {RUN:?} each, interleaved",
-        bytes as f64 / 1024.0
+         {CONNECTIONS} connections, {ROUNDS} rounds of {RUN:?} each, interleaved; {}",
+        bytes as f64 / 1024.0,
+        walk_name()
     );
     println!(
         "  profiling inactive: median {:.0} req/s",
