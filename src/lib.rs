@@ -232,10 +232,17 @@ pub use prometheus;
 /// static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
 /// ```
 ///
-/// Only with the `jemalloc` feature (on by default) on targets other than MSVC.
+/// Only with the `jemalloc` feature (on by default) on targets other than MSVC. With the
+/// `profiling` feature it is tikv-jemallocator's allocator with one change: small page-aligned
+/// objects are freed through jemalloc's unsized free, because jemalloc built with its profiler
+/// sends them down a slower path on its sized one (every request of a small handler paid for
+/// it while profiling was off).
 #[cfg(jemalloc)]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "jemalloc", not(target_env = "msvc")))))]
 pub mod allocator {
+    #[cfg(profiling)]
+    pub use crate::jemalloc::allocator::Jemalloc;
+    #[cfg(not(profiling))]
     pub use tikv_jemallocator::Jemalloc;
 }
 
@@ -250,4 +257,4 @@ pub mod __private {
 // The unit tests exercise jemalloc's real statistics, so jemalloc is their global allocator.
 #[cfg(all(test, jemalloc))]
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: allocator::Jemalloc = allocator::Jemalloc;

@@ -1,5 +1,6 @@
 //! Everything that talks to jemalloc, and nothing that knows of HTTP.
 //!
+//! - `allocator`: with the profiler, the global allocator, kept off one slow path of jemalloc's.
 //! - [`figures`]: the one table of the allocator figures, and [`JemallocStats`] built from it.
 //! - [`ctl`]: every mallctl call, through MIBs resolved once per process.
 //! - [`instruments`]: the figures as OpenTelemetry observable gauges.
@@ -11,6 +12,8 @@
 //! - `stack_walk`: with the profiler on x86_64 Linux, a faster walk of sampled stacks.
 //! - [`tuning`]: background threads and decay times, read and changed at run time.
 
+#[cfg(profiling)]
+pub(crate) mod allocator;
 pub(crate) mod ctl;
 pub(crate) mod dump;
 mod error;
