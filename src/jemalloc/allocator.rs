@@ -7,8 +7,9 @@
 //! a slower one that looks the object up, whether profiling is started, active or neither.
 //! Small objects are page-aligned often (every object of the 4 KiB class, every other one of
 //! the 2 KiB class, …), and a thread's cache hands the same address back again and again, so
-//! a request path can pay that on every request: 6–7 frees a request, +4 % of the
-//! instructions of a trivial handler served by the example server.
+//! a request path can pay that on every request: 7 more frees a request on the slow path, +4.5 %
+//! of the instructions of the example server's trivial request (BENCHMARKS.md, "Heap
+//! profiling").
 //!
 //! This allocator frees those objects — small (≤ 4 KiB) and page-aligned — with jemalloc's
 //! unsized free, whose fast path looks the object up in its radix-tree cache and takes sampled

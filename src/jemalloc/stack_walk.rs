@@ -16,11 +16,14 @@
 //! - It allocates only when a set of caches is first used and when the loaded libraries
 //!   changed (their list); jemalloc allows that: allocations made while it walks a stack are
 //!   not sampled and do not come back here.
+//! - It never waits for a lock of its own: another thread may be inside `dl_iterate_phdr`
+//!   (whose lock a rebuild of the list of libraries takes) and allocate there. When the list
+//!   or every set of caches is in use, it does not wait.
 //! - Whenever it cannot finish a walk (a read out of those bounds, a rule it cannot follow, the
-//!   list of libraries being rebuilt by another thread, every set of caches in use, a thread
-//!   being torn down), it hands the
-//!   sample to jemalloc's own walk, kept when it installed itself. So a stack is either the one
-//!   libgcc would give or walked the same way by other means.
+//!   list of libraries in use by a rebuild, every set of caches in use, a thread being torn
+//!   down), it hands the sample to jemalloc's own walk, kept when it installed itself.
+//!
+//! The frames are the ones libgcc's walk gives (a unit test compares the two).
 //!
 //! The frames recorded are those of jemalloc's own walk: return addresses, from the caller of
 //! the walk (jemalloc's `prof_backtrace`) to the root of the thread, at most `opt.prof_bt_max`.
@@ -247,11 +250,17 @@ struct Listing {
 }
 
 /// Runs `f` with the list of modules, rebuilt first if libraries were loaded or unloaded since.
-/// `None` when another thread is rebuilding it.
+/// `None` when another thread is rebuilding it: this never waits.
 fn with_listing<T>(f: impl FnOnce(&Listing) -> Option<T>) -> Option<T> {
     let generation = loaded_generation();
     {
-        let listing = LISTING.read().unwrap_or_else(PoisonError::into_inner);
+        // Not `read`: a rebuild in progress waits for `dl_iterate_phdr`'s lock, which the
+        // caller may hold (an allocation in a `dl_iterate_phdr` callback).
+        let listing = match LISTING.try_read() {
+            Ok(listing) => listing,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
         if let Some(listing) = listing.as_ref().filter(|l| l.generation == generation) {
             return f(listing);
         }
