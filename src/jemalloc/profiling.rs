@@ -423,7 +423,8 @@ mod imp {
     /// bytes are attributed, flat, to the code that allocated, not to `prof_backtrace_impl`.
     const ALLOCATOR_FRAMES: &str =
         "_rjem_.*|prof_backtrace_impl|__rust_(alloc|alloc_zeroed|realloc)\
-         |__rdl_.*|<tikv_jemallocator::Jemalloc as .*|alloc::alloc::.*|alloc::raw_vec::.*";
+         |__rdl_.*|<tikv_jemallocator::Jemalloc as .*|<tower_jemalloc::jemalloc::allocator::Jemalloc as .*\
+         |alloc::alloc::.*|alloc::raw_vec::.*";
 
     /// `gzipped`, a gzipped pprof `Profile`, with `drop_frames` set to `regex`. The message is
     /// extended, not rewritten: protobuf merges a field appended to a message, so `regex` goes
