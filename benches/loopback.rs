@@ -134,23 +134,11 @@ async fn load(
     let mut tasks = Vec::new();
     for _ in 0..connections {
         tasks.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
+            let mut sender = connect(addr).await;
             let mut latencies = Vec::new();
             while Instant::now() < until {
-                let request = http::Request::get(path)
-                    .header("host", "127.0.0.1")
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
                 let start = Instant::now();
-                sender.ready().await.unwrap();
-                let response = sender.send_request(request).await.unwrap();
-                assert!(response.status().is_success());
-                response.into_body().collect().await.unwrap();
+                fetch(&mut sender, path).await;
                 latencies.push(start.elapsed());
             }
             latencies
@@ -202,14 +190,13 @@ fn requests_count() {
         Ok("/records") => "/records",
         _ => "/",
     };
-    let walk = std::env::var("SAMPLING_WALK").unwrap_or_default();
     let server = runtime(1);
     let client = runtime(1);
     let router = Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/records", get(|| async { records::records() }));
     let layer = JemallocLayer::builder()
-        .fast_stack_walk(walk != "jemalloc")
+        .fast_stack_walk(fast_stack_walk())
         .build()
         .unwrap();
     let addr = serve_layered(&server, router, layer);
@@ -228,22 +215,39 @@ fn requests_count() {
 
 /// `count` requests to `path`, one after another on one keep-alive connection.
 async fn requests_in_a_row(addr: SocketAddr, path: &'static str, count: usize) {
+    let mut sender = connect(addr).await;
+    for _ in 0..count {
+        fetch(&mut sender, path).await;
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection to `addr`, without Nagle's delay.
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(conn);
-    for _ in 0..count {
-        let request = http::Request::get(path)
-            .header("host", "127.0.0.1")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        sender.ready().await.unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        assert!(response.status().is_success());
-        response.into_body().collect().await.unwrap();
-    }
+    sender
+}
+
+/// `GET path` on `sender`'s connection, its body read to the end; it must succeed.
+async fn fetch(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, path: &str) {
+    let request = http::Request::get(path)
+        .header("host", "127.0.0.1")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    sender.ready().await.unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert!(response.status().is_success());
+    response.into_body().collect().await.unwrap();
+}
+
+/// Whether the layers of these benches walk sampled stacks the layer's way: yes unless
+/// `SAMPLING_WALK=jemalloc` asks for jemalloc's own walk.
+fn fast_stack_walk() -> bool {
+    std::env::var("SAMPLING_WALK").as_deref() != Ok("jemalloc")
 }
 
 /// Request count, p50, p99, max and the count over 10 ms of `sorted` latencies, for one line.
@@ -401,14 +405,7 @@ fn coalescing_with(series: usize, window: Duration) {
             let mut tasks = Vec::new();
             for mut sender in senders.drain(..) {
                 tasks.push(tokio::spawn(async move {
-                    let request = http::Request::get("/metrics")
-                        .header("host", "127.0.0.1")
-                        .body(Empty::<Bytes>::new())
-                        .unwrap();
-                    sender.ready().await.unwrap();
-                    let response = sender.send_request(request).await.unwrap();
-                    assert!(response.status().is_success());
-                    response.into_body().collect().await.unwrap();
+                    fetch(&mut sender, "/metrics").await;
                     sender
                 }));
             }

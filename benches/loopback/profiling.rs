@@ -2,7 +2,7 @@
 //! handler, active against inactive; and one heap dump's time, size and effect on the
 //! latency of forwarded requests.
 
-use super::{latency_line, load, median, once, runtime, serve_layered};
+use super::{fast_stack_walk, latency_line, load, median, once, runtime, serve_layered};
 use crate::records::records;
 use axum::routing::get;
 use axum::Router;
@@ -13,19 +13,19 @@ use tower_jemalloc::{Endpoint, JemallocLayer};
 /// The layer with the debug endpoints open (loopback only). `SAMPLING_WALK=jemalloc` keeps
 /// jemalloc's own walk of sampled stacks instead of the layer's faster one.
 fn layer() -> JemallocLayer {
-    let walk = std::env::var("SAMPLING_WALK").unwrap_or_default();
     JemallocLayer::builder()
         .allow_anonymous(Endpoint::Purge)
-        .fast_stack_walk(walk != "jemalloc")
+        .fast_stack_walk(fast_stack_walk())
         .build()
         .unwrap()
 }
 
 /// The name of the walk [`layer`] chose, for the figures.
 fn walk_name() -> &'static str {
-    match std::env::var("SAMPLING_WALK").as_deref() {
-        Ok("jemalloc") => "jemalloc's stack walk",
-        _ => "the layer's stack walk",
+    if fast_stack_walk() {
+        "the layer's stack walk"
+    } else {
+        "jemalloc's stack walk"
     }
 }
 
