@@ -83,14 +83,14 @@ thread_local! {
 }
 
 /// Puts [`walk`] in place of jemalloc's stack walk, once per process. `swap` exchanges the
-/// hook (`experimental.hooks.prof_backtrace`) and returns the previous one. Returns whether the
-/// faster walk is in place.
+/// hook (`experimental.hooks.prof_backtrace`) and returns the previous one; when it fails,
+/// jemalloc's walk stays and a later call tries again.
 pub(crate) fn install<E>(
     swap: impl FnOnce(BacktraceHook) -> Result<BacktraceHook, E>,
-) -> Result<bool, E> {
-    static INSTALLED: OnceLock<bool> = OnceLock::new();
-    if let Some(&installed) = INSTALLED.get() {
-        return Ok(installed);
+) -> Result<(), E> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    if INSTALLED.get().is_some() {
+        return Ok(());
     }
     // List the modules first, outside the allocator's path.
     refresh();
@@ -98,7 +98,8 @@ pub(crate) fn install<E>(
     if previous as usize != walk as BacktraceHook as usize {
         let _ = PREVIOUS.set(previous);
     }
-    Ok(*INSTALLED.get_or_init(|| true))
+    let _ = INSTALLED.set(());
+    Ok(())
 }
 
 /// jemalloc calls this for each sampled allocation, with room for `max` frames in `vec`.
