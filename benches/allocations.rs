@@ -12,9 +12,8 @@
 //!
 //! Without valgrind it prints the wall-clock time per call, to compare roughly.
 //!
-//! The cost of sampling, per sample: the same with `prof:true,prof_active:true`, once with
-//! jemalloc's own stack walk (`ALLOCATIONS_WALK=jemalloc`) and once with the layer's faster
-//! one (the default: a layer is built first, which puts it in place).
+//! The cost of sampling, per sample: the same with `prof:true,prof_active:true` (jemalloc walks
+//! each sampled stack with libgcc's unwinder).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -42,19 +41,6 @@ fn main() {
     println!(
         "profiling compiled in: {}; opt.prof: {prof:?}; prof.active: {active:?}",
         cfg!(feature = "profiling")
-    );
-    let walk = std::env::var("ALLOCATIONS_WALK").unwrap_or_default();
-    let _layer = tower_jemalloc::JemallocLayer::builder()
-        .fast_stack_walk(walk != "jemalloc")
-        .build()
-        .expect("a layer with the defaults builds");
-    println!(
-        "stack walk of sampled allocations: {}",
-        if walk == "jemalloc" {
-            "jemalloc's"
-        } else {
-            "the layer's (where compiled in)"
-        }
     );
     records_in_a_row(10); // warm up
     let start = Instant::now();

@@ -180,7 +180,7 @@ async fn once(addr: SocketAddr, method: http::Method, path: &str) -> (http::Stat
 /// `valgrind --tool=callgrind` with 0 and with N requests: the difference over N is the
 /// instructions per request, client and server together. With `--features profiling`,
 /// jemalloc's profiler is started and inactive unless `_RJEM_MALLOC_CONF=prof_active:true`
-/// says otherwise; `SAMPLING_WALK=jemalloc` keeps jemalloc's own walk of sampled stacks.
+/// says otherwise.
 fn requests_count() {
     let count: usize = std::env::var("REQUESTS_COUNT")
         .ok()
@@ -195,10 +195,7 @@ fn requests_count() {
     let router = Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/records", get(|| async { records::records() }));
-    let layer = JemallocLayer::builder()
-        .fast_stack_walk(fast_stack_walk())
-        .build()
-        .unwrap();
+    let layer = JemallocLayer::builder().build().unwrap();
     let addr = serve_layered(&server, router, layer);
     client.block_on(requests_in_a_row(addr, path, 20)); // warm up
     let start = Instant::now();
@@ -242,12 +239,6 @@ async fn fetch(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>
     let response = sender.send_request(request).await.unwrap();
     assert!(response.status().is_success());
     response.into_body().collect().await.unwrap();
-}
-
-/// Whether the layers of these benches walk sampled stacks the layer's way: yes unless
-/// `SAMPLING_WALK=jemalloc` asks for jemalloc's own walk.
-fn fast_stack_walk() -> bool {
-    std::env::var("SAMPLING_WALK").as_deref() != Ok("jemalloc")
 }
 
 /// Request count, p50, p99, max and the count over 10 ms of `sorted` latencies, for one line.

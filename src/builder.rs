@@ -391,22 +391,6 @@ impl JemallocLayerBuilder {
         self
     }
 
-    /// How the heap profiler walks the stack of each allocation it samples (default `true`,
-    /// this crate's walk). Builds with the `profiling` feature on x86_64 Linux with glibc have
-    /// a walk that caches the unwind rule of each code address it met: about 180 instructions
-    /// a frame against about 2,000 for jemalloc's own walk (libgcc's unwinder, which reads the
-    /// DWARF call-frame information of every frame anew), so that sampling at the default
-    /// interval adds about 25,000 instructions to a request allocating 478 KiB instead of
-    /// 91,000 (BENCHMARKS.md). It gives the same frames; where it cannot finish a walk it hands
-    /// the sample to jemalloc's. It is put in place when a layer with the heap profile
-    /// endpoint is built and jemalloc's profiler is started, for the whole process and for
-    /// good: `false` keeps jemalloc's walk, as long as no other layer put the faster one in
-    /// place. Elsewhere this setting changes nothing.
-    pub fn fast_stack_walk(mut self, fast: bool) -> Self {
-        self.settings.fast_stack_walk = fast;
-        self
-    }
-
     /// Checks the configuration and builds the layer.
     ///
     /// When jemalloc's statistics cannot be read in this process (it is not the global
@@ -472,7 +456,7 @@ impl JemallocLayerBuilder {
             }
         };
         // Without jemalloc the gauges are left out; `ctl` has logged why, once.
-        let _ = crate::jemalloc::instruments::register(&meter, self.settings.per_arena_metrics);
+        let _ = crate::telemetry::instruments::register(&meter, self.settings.per_arena_metrics);
 
         let zero_histograms: Vec<_> = paths
             .iter()

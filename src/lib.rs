@@ -193,10 +193,11 @@ mod service;
 // The endpoints the layer answers, through one pipeline.
 mod endpoint;
 
-// The lower layers, which know nothing of HTTP.
-mod exposition;
+// The lower layers, which know nothing of HTTP: jemalloc itself, the operating system's view
+// of the process, and the OpenTelemetry instruments and Prometheus exposition built on both.
 mod jemalloc;
-mod process;
+mod system;
+mod telemetry;
 
 pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
@@ -207,15 +208,15 @@ pub use endpoint::{
     DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
-pub use jemalloc::instruments::register_instruments;
 pub use jemalloc::{
     purge_all_arenas, ArenaDecay, BackgroundThread, ConfigUpdate, JemallocConfig, JemallocError,
     JemallocStats, MallocConf, ProfilingChange, ProfilingStatus, PurgeError, PurgeMode,
     PurgeReport, Ratios, StatsSummary, UnknownPurgeMode, MAX_DECAY_MS,
 };
 pub use layer::JemallocLayer;
-pub use process::ProcessMemory;
 pub use service::JemallocService;
+pub use system::ProcessMemory;
+pub use telemetry::instruments::register_instruments;
 
 // The crates whose types appear in this crate's API, so that a user needs no matching
 // versions of their own: `tower_jemalloc::opentelemetry::metrics::MeterProvider`, ….
@@ -224,27 +225,9 @@ pub use opentelemetry_prometheus;
 pub use opentelemetry_sdk;
 pub use prometheus;
 
-/// The jemalloc global allocator, re-exported so that the allocator and the statistics this
-/// crate reads come from the same jemalloc build:
-///
-/// ```
-/// #[global_allocator]
-/// static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
-/// ```
-///
-/// Only with the `jemalloc` feature (on by default) on targets other than MSVC. With the
-/// `profiling` feature it is tikv-jemallocator's allocator with one change: small page-aligned
-/// objects are freed through jemalloc's unsized free, because jemalloc built with its profiler
-/// sends them down a slower path on its sized one (every request of a small handler paid for
-/// it while profiling was off).
 #[cfg(jemalloc)]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "jemalloc", not(target_env = "msvc")))))]
-pub mod allocator {
-    #[cfg(profiling)]
-    pub use crate::jemalloc::allocator::Jemalloc;
-    #[cfg(not(profiling))]
-    pub use tikv_jemallocator::Jemalloc;
-}
+pub mod allocator;
 
 #[cfg(all(jemalloc, feature = "__fault-injection"))]
 #[doc(hidden)]

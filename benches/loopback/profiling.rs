@@ -2,7 +2,7 @@
 //! handler, active against inactive; and one heap dump's time, size and effect on the
 //! latency of forwarded requests.
 
-use super::{fast_stack_walk, latency_line, load, median, once, runtime, serve_layered};
+use super::{latency_line, load, median, once, runtime, serve_layered};
 use crate::records::records;
 use axum::routing::get;
 use axum::Router;
@@ -10,23 +10,12 @@ use http::{Method, StatusCode};
 use std::time::{Duration, Instant};
 use tower_jemalloc::{Endpoint, JemallocLayer};
 
-/// The layer with the debug endpoints open (loopback only). `SAMPLING_WALK=jemalloc` keeps
-/// jemalloc's own walk of sampled stacks instead of the layer's faster one.
+/// The layer with the debug endpoints open (loopback only).
 fn layer() -> JemallocLayer {
     JemallocLayer::builder()
         .allow_anonymous(Endpoint::Purge)
-        .fast_stack_walk(fast_stack_walk())
         .build()
         .unwrap()
-}
-
-/// The name of the walk [`layer`] chose, for the figures.
-fn walk_name() -> &'static str {
-    if fast_stack_walk() {
-        "the layer's stack walk"
-    } else {
-        "jemalloc's stack walk"
-    }
 }
 
 /// Switches profiling on or off through the control endpoint.
@@ -86,9 +75,8 @@ pub(super) fn sampling() {
     let m_ratio = median(&mut ratios);
     println!(
         "sampling: /records allocates {:.0} KiB per request ({body} bytes of JSON answered); \
-         {CONNECTIONS} connections, {ROUNDS} rounds of {RUN:?} each, interleaved; {}",
+         {CONNECTIONS} connections, {ROUNDS} rounds of {RUN:?} each, interleaved",
         bytes as f64 / 1024.0,
-        walk_name()
     );
     println!(
         "  profiling inactive: median {:.0} req/s",

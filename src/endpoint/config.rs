@@ -120,7 +120,7 @@ impl Handler for Config {
         match *request {
             Request::Read { .. } => self
                 .reads
-                .join_or_start(Runner::OwnThread("jemalloc-config"), move || {
+                .join_or_start(Runner::OffWorkers("jemalloc-config"), move || {
                     Configured::Read(tuning::read(ctl))
                 }),
             Request::Change(change) => {
@@ -132,7 +132,7 @@ impl Handler for Config {
                     ));
                 };
                 let changes = self.changes.clone();
-                Job::spawn(Runner::Thread("jemalloc-config"), move || {
+                Job::spawn(Runner::NewThread("jemalloc-config"), move || {
                     let result = guard.apply(ctl, &change);
                     if result.is_ok() {
                         for setting in change.settings() {

@@ -4,7 +4,7 @@
 use super::job::Job;
 use super::response::{Answer, Reply};
 use super::settings::Settings;
-use crate::exposition::ZeroHistogram;
+use crate::telemetry::exposition::ZeroHistogram;
 use http::request::Parts;
 use http::Method;
 use opentelemetry::metrics::Meter;

@@ -26,17 +26,13 @@
 //!
 //! Order of checks after admission: format and seconds (400), jemalloc and its profiler
 //! (501/503/409), a growth window already running (409).
-//!
-//! Building a layer with this endpoint also puts, on x86_64 Linux with glibc and with jemalloc's
-//! profiler started, a faster walk of sampled stacks in place of jemalloc's own for the whole
-//! process (`jemalloc::stack_walk`; `fast_stack_walk(false)` on the builder keeps jemalloc's).
 
 use super::handler::{Context, Handler};
 use super::job::{Flight, Job, Runner};
 use super::query;
 use super::response::{self, Answer};
-use crate::exposition::ZeroHistogram;
 use crate::jemalloc::profiling::{self, ProfileFormat, ProfilingError};
+use crate::telemetry::exposition::ZeroHistogram;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_DISPOSITION};
 use http::request::Parts;
@@ -84,9 +80,6 @@ impl Handler for Heap {
     type Output = Profiled;
 
     fn new(context: &Context<'_>) -> Self {
-        if context.settings.fast_stack_walk {
-            profiling::use_fast_stack_walk();
-        }
         Self {
             max_bytes: context.settings.heap_profile_max_bytes,
             live: [Flight::new(REUSE_WINDOW), Flight::new(REUSE_WINDOW)].map(Arc::new),
@@ -144,7 +137,7 @@ impl Handler for Heap {
         };
         let Some(window) = window else {
             let flight = &self.live[format as usize];
-            return flight.join_or_start(Runner::OwnThread("jemalloc-heap-profile"), work);
+            return flight.join_or_start(Runner::OffWorkers("jemalloc-heap-profile"), work);
         };
         let slot = GrowthSlot::acquire(&self.growth, window).map_err(|wait| {
             response::retry_after(
@@ -154,7 +147,7 @@ impl Handler for Heap {
             )
         })?;
         // The slot is released when the work ends, or is dropped unrun.
-        Job::spawn(Runner::OwnThread("jemalloc-heap-growth"), move || {
+        Job::spawn(Runner::OffWorkers("jemalloc-heap-growth"), move || {
             let _slot = slot;
             work()
         })

@@ -19,18 +19,21 @@ use tokio::sync::watch;
 /// Where a job's work runs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Runner {
-    /// A new thread with this name from inside a tokio runtime; inline outside one (a caller
-    /// without a runtime has no async workers to protect).
-    OwnThread(&'static str),
-    /// A new thread with this name, whatever the runtime.
-    Thread(&'static str),
+    /// Off the async workers: a new thread with this name when called from inside a tokio
+    /// runtime, inline outside one (a caller without a runtime has no async workers to
+    /// protect, and the answer is ready when `call` returns).
+    OffWorkers(&'static str),
+    /// A new thread with this name, whatever the caller (work that must never run on the
+    /// caller's thread, such as a purge).
+    NewThread(&'static str),
 }
 
-type Slot<T> = watch::Receiver<Option<Arc<T>>>;
+/// Where a job's result arrives: `None` until it is published.
+type Outcome<T> = watch::Receiver<Option<Arc<T>>>;
 
 /// A started (or joined) job: its result, when it comes.
 pub(crate) struct Job<T> {
-    result: Slot<T>,
+    result: Outcome<T>,
     /// Held until the request is answered.
     hold: Option<Box<dyn Send>>,
 }
@@ -49,7 +52,7 @@ impl<T: Send + Sync + 'static> Job<T> {
     }
 
     /// The job whose result `result` will receive.
-    fn watching(result: Slot<T>) -> Self {
+    fn watching(result: Outcome<T>) -> Self {
         Self { result, hold: None }
     }
 
@@ -98,11 +101,11 @@ impl<T: Send + Sync + 'static> Job<T> {
 /// dropped unrun).
 fn run(runner: Runner, work: impl FnOnce() + Send + 'static) -> Result<(), Answer> {
     let name = match runner {
-        Runner::OwnThread(_) if tokio::runtime::Handle::try_current().is_err() => {
+        Runner::OffWorkers(_) if tokio::runtime::Handle::try_current().is_err() => {
             work();
             return Ok(());
         }
-        Runner::OwnThread(name) | Runner::Thread(name) => name,
+        Runner::OffWorkers(name) | Runner::NewThread(name) => name,
     };
     std::thread::Builder::new()
         .name(name.to_owned())
@@ -129,7 +132,7 @@ struct FlightState<T> {
     /// Counts the jobs started, so a finished job only clears its own entry.
     generation: u64,
     /// The job in progress, if any.
-    running: Option<Slot<T>>,
+    running: Option<Outcome<T>>,
     /// The last result and when it finished, kept only with a reuse window.
     last: Option<(Instant, Arc<T>)>,
 }
@@ -236,7 +239,7 @@ mod tests {
 
     #[test]
     fn outside_a_runtime_work_runs_inline() {
-        let job = Job::spawn(Runner::OwnThread("test-job"), || 7).unwrap();
+        let job = Job::spawn(Runner::OffWorkers("test-job"), || 7).unwrap();
         assert_eq!(value(&job), Some(7));
     }
 
@@ -244,7 +247,7 @@ mod tests {
     async fn a_dropped_job_frees_its_flight() {
         let flight = Arc::new(Flight::new(Duration::ZERO));
         let panicking = flight
-            .join_or_start(Runner::Thread("test-job"), || -> u32 {
+            .join_or_start(Runner::NewThread("test-job"), || -> u32 {
                 panic!("the work panics")
             })
             .unwrap();
@@ -254,7 +257,7 @@ mod tests {
         assert_eq!(answer.await.status(), StatusCode::INTERNAL_SERVER_ERROR);
         // The next request starts a new job instead of waiting on the dead one.
         let next = flight
-            .join_or_start(Runner::Thread("test-job"), || 5)
+            .join_or_start(Runner::NewThread("test-job"), || 5)
             .unwrap();
         let Reply::Later(answer) = next.reply("test", |v| response::text(StatusCode::OK, v)) else {
             panic!("still running");
@@ -269,7 +272,7 @@ mod tests {
         let start = |flight: &Arc<Flight<usize>>| {
             let runs = Arc::clone(&runs);
             flight
-                .join_or_start(Runner::OwnThread("test-job"), move || {
+                .join_or_start(Runner::OffWorkers("test-job"), move || {
                     runs.fetch_add(1, Ordering::SeqCst) + 1
                 })
                 .unwrap()

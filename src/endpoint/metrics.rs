@@ -24,7 +24,7 @@
 use super::handler::{Context, Handler};
 use super::job::{Flight, Job, Runner};
 use super::response::{self, Answer};
-use crate::exposition::{Render, Renderer, CONTENT_TYPE};
+use crate::telemetry::exposition::{Render, Renderer, CONTENT_TYPE};
 use http::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, VARY};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
@@ -96,20 +96,21 @@ impl Handler for Metrics {
         };
         let renderer = Arc::clone(&self.renderer);
         let gzip = self.gzip;
-        let job = self
-            .renders
-            .join_or_start(Runner::OwnThread("jemalloc-metrics"), move || {
-                // A collector the application registered may panic; the scrape still gets an
-                // answer (500) and the next scrape starts a fresh render.
-                let rendered =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| renderer.render()))
-                        .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
-                // Compress here, off the workers, for every scrape that will want it.
-                if let (Ok(render), true) = (&rendered, gzip) {
-                    render.gzip();
-                }
-                rendered
-            })?;
+        let job =
+            self.renders
+                .join_or_start(Runner::OffWorkers("jemalloc-metrics"), move || {
+                    // A collector the application registered may panic; the scrape still gets an
+                    // answer (500) and the next scrape starts a fresh render.
+                    let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        renderer.render()
+                    }))
+                    .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
+                    // Compress here, off the workers, for every scrape that will want it.
+                    if let (Ok(render), true) = (&rendered, gzip) {
+                        render.gzip();
+                    }
+                    rendered
+                })?;
         Ok(job.holding(slot))
     }
 

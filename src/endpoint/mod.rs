@@ -42,7 +42,7 @@ pub use settings::{
     DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
 };
 
-use crate::exposition::ZeroHistogram;
+use crate::telemetry::exposition::ZeroHistogram;
 use handler::{Handler, Respond};
 use http::request::Parts;
 use http::Method;

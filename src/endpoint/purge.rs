@@ -13,9 +13,9 @@ use super::handler::{Context, Handler};
 use super::job::{Job, Runner};
 use super::query;
 use super::response::{self, Answer};
-use crate::exposition::ZeroHistogram;
 use crate::jemalloc::purge::PurgeGuard;
 use crate::jemalloc::{JemallocError, PurgeMode, PurgeReport};
+use crate::telemetry::exposition::ZeroHistogram;
 use http::request::Parts;
 use http::{Method, StatusCode};
 use opentelemetry::metrics::{Counter, Histogram, Meter};
@@ -83,7 +83,7 @@ impl Handler for Purge {
         let telemetry = self.telemetry.clone();
         // If the thread cannot start, the closure and the guard with it are dropped: the slot
         // is free again.
-        Job::spawn(Runner::Thread("jemalloc-purge"), move || {
+        Job::spawn(Runner::NewThread("jemalloc-purge"), move || {
             let result = guard.run(ctl, mode);
             telemetry.record(mode, &result);
             result

@@ -46,8 +46,6 @@ pub(crate) struct Settings {
     pub(crate) per_arena_metrics: bool,
     /// The largest jemalloc heap dump read.
     pub(crate) heap_profile_max_bytes: u64,
-    /// Whether the heap profile endpoint puts the faster stack walk in place.
-    pub(crate) fast_stack_walk: bool,
 }
 
 impl Default for Settings {
@@ -62,7 +60,6 @@ impl Default for Settings {
             stats_rate_limit: DEFAULT_STATS_RATE_LIMIT,
             per_arena_metrics: false,
             heap_profile_max_bytes: DEFAULT_HEAP_PROFILE_MAX_BYTES,
-            fast_stack_walk: true,
         }
     }
 }

@@ -173,7 +173,7 @@ impl Handler for Stats {
                 ),
             )
         })?;
-        flight.join_or_start(Runner::OwnThread("jemalloc-stats"), move || {
+        flight.join_or_start(Runner::OffWorkers("jemalloc-stats"), move || {
             dumps.add(1, &[format.attribute()]);
             let dumped = match format {
                 Format::Json => json_dump(ctl, max_bytes),

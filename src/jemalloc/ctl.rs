@@ -382,24 +382,6 @@ mod imp {
                 .map_err(err("prof.reset"))
         }
 
-        /// `experimental.hooks.prof_backtrace`: puts `hook` in place of the function jemalloc
-        /// walks a sampled allocation's stack with, and returns the one it replaced.
-        #[cfg(stack_walk)]
-        pub(crate) fn swap_prof_backtrace(
-            &self,
-            hook: crate::jemalloc::stack_walk::BacktraceHook,
-        ) -> Result<crate::jemalloc::stack_walk::BacktraceHook, JemallocError> {
-            const KEY: &str = "experimental.hooks.prof_backtrace";
-            fault(KEY)?;
-            // SAFETY: the control's value is a `prof_backtrace_hook_t`, the C function pointer
-            // type `BacktraceHook` spells (same size, read and written whole); jemalloc
-            // refuses a null one, and `hook` is a function of the process's lifetime. Not in
-            // tikv-jemalloc-ctl's safe API (experimental).
-            #[allow(unsafe_code)]
-            unsafe { tikv_jemalloc_ctl::raw::update(b"experimental.hooks.prof_backtrace\0", hook) }
-                .map_err(err(KEY))
-        }
-
         /// `prof.dump` into a private temporary file whose name is already removed: the
         /// open file, to read the profile from. The temporary file and the `prof.dump` call
         /// are jemalloc_pprof's (its process-wide handle, so that an application using it

@@ -129,25 +129,6 @@ impl ProfileFormat {
 
 pub(crate) use imp::{heap_profile, ready, set_active, set_sampling, status};
 
-/// Puts the faster walk of sampled stacks ([`stack_walk`](super::stack_walk)) in place of
-/// jemalloc's own, where it is compiled in (x86_64 Linux with glibc) and jemalloc was started
-/// with its profiler; elsewhere does nothing. Process-wide and once: later calls change
-/// nothing. A failure is logged and leaves jemalloc's walk, which is always correct.
-pub(crate) fn use_fast_stack_walk() {
-    #[cfg(stack_walk)]
-    {
-        let Ok(ctl) = crate::jemalloc::ctl::ctl() else {
-            return;
-        };
-        if !ctl.prof_started().unwrap_or(false) {
-            return;
-        }
-        if let Err(e) = super::stack_walk::install(|hook| ctl.swap_prof_backtrace(hook)) {
-            tracing::warn!("tower-jemalloc: sampled stacks keep jemalloc's own (slower) walk: {e}");
-        }
-    }
-}
-
 #[cfg(profiling)]
 mod imp {
     use super::{ProfileFormat, ProfilingError, ProfilingStatus, HOW_TO_START, MAX_ACTIVE_FOR};
@@ -423,7 +404,7 @@ mod imp {
     /// bytes are attributed, flat, to the code that allocated, not to `prof_backtrace_impl`.
     const ALLOCATOR_FRAMES: &str =
         "_rjem_.*|prof_backtrace_impl|__rust_(alloc|alloc_zeroed|realloc)\
-         |__rdl_.*|<tikv_jemallocator::Jemalloc as .*|<tower_jemalloc::jemalloc::allocator::Jemalloc as .*\
+         |__rdl_.*|<tikv_jemallocator::Jemalloc as .*|<tower_jemalloc::allocator::Jemalloc as .*\
          |alloc::alloc::.*|alloc::raw_vec::.*";
 
     /// `gzipped`, a gzipped pprof `Profile`, with `drop_frames` set to `regex`. The message is

@@ -8,9 +8,9 @@
 //! decay time (`dirty_decay_ms`, `muzzy_decay_ms`) has passed are released, which is gentler.
 
 use super::ctl::{ArenasControl, Ctl};
-use super::slot::Slot;
+use super::process_slot::ProcessSlot;
 use super::{JemallocError, JemallocStats};
-use crate::process::ProcessMemory;
+use crate::system::ProcessMemory;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
@@ -200,13 +200,13 @@ static LAST_PURGE_END: Mutex<Option<Instant>> = Mutex::new(None);
 #[derive(Debug)]
 pub(crate) struct PurgeGuard {
     /// Released on drop.
-    _slot: Slot,
+    _slot: ProcessSlot,
 }
 
 impl PurgeGuard {
     /// Takes the purge slot, or `None` when a purge is already running.
     pub(crate) fn acquire() -> Option<Self> {
-        Slot::take(&RUNNING).map(|_slot| Self { _slot })
+        ProcessSlot::take(&RUNNING).map(|_slot| Self { _slot })
     }
 
     /// When the last purge ended, if one has run. Read while holding the slot, it cannot

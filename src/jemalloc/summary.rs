@@ -3,7 +3,7 @@
 
 use super::ctl::{Ctl, Settings};
 use super::{JemallocError, JemallocStats};
-use crate::process::{CgroupMemory, ProcessUsage};
+use crate::system::{CgroupMemory, ProcessUsage};
 use serde::{Deserialize, Serialize};
 
 /// The `summary` of `GET /debug/jemalloc/stats`: what the figures mean and what to do about

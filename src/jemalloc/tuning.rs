@@ -6,7 +6,7 @@
 //! time in the process.
 
 use super::ctl::{Ctl, Write};
-use super::slot::Slot;
+use super::process_slot::ProcessSlot;
 use super::JemallocError;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::AtomicBool;
@@ -235,13 +235,13 @@ static CHANGING: AtomicBool = AtomicBool::new(false);
 #[derive(Debug)]
 pub(crate) struct ChangeGuard {
     /// Released on drop.
-    _slot: Slot,
+    _slot: ProcessSlot,
 }
 
 impl ChangeGuard {
     /// Takes the change slot, or `None` when a change is being made.
     pub(crate) fn acquire() -> Option<Self> {
-        Slot::take(&CHANGING).map(|_slot| Self { _slot })
+        ProcessSlot::take(&CHANGING).map(|_slot| Self { _slot })
     }
 
     /// Makes `change` on every initialized arena and for arenas created later, after checking

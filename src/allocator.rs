@@ -1,20 +1,33 @@
-//! The global allocator in builds with the heap profiler (`profiling` feature):
-//! tikv-jemallocator's, but for one kind of free.
+//! The jemalloc global allocator, this crate's own type in every build, so that the allocator
+//! and the statistics this crate reads come from the same jemalloc build:
 //!
-//! jemalloc built with its profiler places each sampled object at the start of a page, and
-//! its sized free (`sdallocx`, which tikv-jemallocator calls for every `dealloc`) tells a
-//! sampled object by that alignment alone: every page-aligned pointer leaves the fast path for
-//! a slower one that looks the object up, whether profiling is started, active or neither.
-//! Small objects are page-aligned often (every object of the 4 KiB class, every other one of
-//! the 2 KiB class, …), and a thread's cache hands the same address back again and again, so
-//! a request path can pay that on every request: 7 more frees a request on the slow path, +4.5 %
-//! of the instructions of the example server's trivial request (BENCHMARKS.md, "Heap
-//! profiling").
+//! ```
+//! #[global_allocator]
+//! static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+//! ```
 //!
-//! This allocator frees those objects — small (≤ 4 KiB) and page-aligned — with jemalloc's
-//! unsized free, whose fast path looks the object up in its radix-tree cache and takes sampled
-//! objects out of the fast path by that lookup, not by alignment; every other free is
-//! tikv-jemallocator's. Both are jemalloc's own frees, valid for any object it allocated.
+//! Only with the `jemalloc` feature (on by default) on targets other than MSVC.
+//!
+//! It is tikv-jemallocator's allocator but for one kind of free, and only where jemalloc is
+//! built with its heap profiler (the `profiling` feature). Such a jemalloc places each sampled
+//! object at the start of a page, and its sized free (`sdallocx`, which tikv-jemallocator calls
+//! for every `dealloc`) tells a sampled object by that alignment alone: every page-aligned
+//! pointer leaves the fast path for a slower one that looks the object up, whether profiling
+//! is started, active or neither. Small objects are page-aligned often (every object of the
+//! 4 KiB class, every other one of the 2 KiB class, …), and a thread's cache hands the same
+//! address back again and again, so a request path can pay that on every request: 7 more frees
+//! a request on the slow path, +4.5 % of the instructions of the example server's trivial
+//! request (BENCHMARKS.md, "Heap profiling").
+//!
+//! With the profiler built in, this allocator frees those objects — small (≤ 4 KiB) and
+//! page-aligned — with jemalloc's unsized free, whose fast path looks the object up in its
+//! radix-tree cache and takes sampled objects out of the fast path by that lookup, not by
+//! alignment; every other free is tikv-jemallocator's. Both are jemalloc's own frees, valid for
+//! any object it allocated. Without the profiler the test is compiled out and every method is
+//! tikv-jemallocator's.
+//!
+//! The type is the same whether the `profiling` feature is on or not, so that enabling it
+//! anywhere in a dependency graph changes no type (features are additive).
 
 use std::alloc::{GlobalAlloc, Layout};
 
@@ -27,7 +40,8 @@ const LOOKUP_MAX: usize = 4096;
 const PAGE: usize = 4096;
 
 /// jemalloc as the global allocator: the same as `tikv_jemallocator::Jemalloc`, with the
-/// frees of small page-aligned objects kept off jemalloc's slow path (see the module docs).
+/// frees of small page-aligned objects kept off the slow path of a jemalloc built with its
+/// profiler (see the module docs).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Jemalloc;
 
@@ -51,7 +65,7 @@ unsafe impl GlobalAlloc for Jemalloc {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if (ptr as usize) & (PAGE - 1) == 0 && layout.size() <= LOOKUP_MAX {
+        if cfg!(profiling) && (ptr as usize) & (PAGE - 1) == 0 && layout.size() <= LOOKUP_MAX {
             // SAFETY: the caller's guarantees: `ptr` was allocated by jemalloc (through this
             // allocator) and is freed once, by this call.
             unsafe { free_unsized(ptr) }
@@ -113,7 +127,7 @@ mod tests {
     }
 
     #[test]
-    fn frees_page_aligned_small_objects_and_the_rest() {
+    fn frees_every_kind_of_object_exactly() {
         // The 4 KiB class: every object page-aligned, freed by the unsized free.
         assert!(round_trip(Layout::from_size_align(4096, 8).unwrap()));
         // Over-aligned to a page, and smaller than a page.

@@ -120,7 +120,7 @@ impl ZeroHistogram {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exposition::encode::encode;
+    use crate::telemetry::exposition::encode::encode;
     use opentelemetry::metrics::MeterProvider;
     use opentelemetry::KeyValue;
     use opentelemetry_sdk::metrics::SdkMeterProvider;

@@ -10,10 +10,10 @@
 //! an export may then mix gauges of two snapshots (each value still a real reading) and the
 //! epoch may advance once more than strictly needed.
 
-use super::ctl::ArenaFigures;
-use super::figures::FIGURES;
-use super::{JemallocError, JemallocStats};
-use crate::process::{CgroupMemory, ProcessUsage};
+use crate::jemalloc::ctl::ArenaFigures;
+use crate::jemalloc::figures::FIGURES;
+use crate::jemalloc::{JemallocError, JemallocStats};
+use crate::system::{CgroupMemory, ProcessUsage};
 use opentelemetry::metrics::{AsyncInstrument, AsyncInstrumentBuilder, Meter, ObservableGauge};
 use opentelemetry::KeyValue;
 use std::sync::{Arc, Mutex};
@@ -58,7 +58,7 @@ pub fn register_instruments(meter: &Meter) -> Result<(), JemallocError> {
 
 /// [`register_instruments`], with the per-arena gauges when `per_arena` is set.
 pub(crate) fn register(meter: &Meter, per_arena: bool) -> Result<(), JemallocError> {
-    let ctl = super::ctl::ctl()?;
+    let ctl = crate::jemalloc::ctl::ctl()?;
     let version = ctl.version()?;
     let snapshot = Arc::new(SharedSnapshot::new(per_arena));
     for (field, figure) in FIGURES.iter().enumerate() {
@@ -216,7 +216,7 @@ pub(crate) fn register(meter: &Meter, per_arena: bool) -> Result<(), JemallocErr
 /// `jemalloc.profiling.active` (1 or 0) and `jemalloc.profiling.sample_interval` (bytes), in
 /// builds with the heap profiler; left out while jemalloc runs without it (`prof:false`).
 #[cfg(profiling)]
-fn register_profiling(meter: &Meter, ctl: &'static super::ctl::Ctl) {
+fn register_profiling(meter: &Meter, ctl: &'static crate::jemalloc::ctl::Ctl) {
     let started = move || ctl.prof_started().unwrap_or(false);
     let _active = meter
         .u64_observable_gauge("jemalloc.profiling.active")
@@ -326,7 +326,7 @@ impl SharedSnapshot {
 
     /// Advances jemalloc's epoch once and reads everything the gauges report.
     fn read(&self) -> Snapshot {
-        let ctl = super::ctl::ctl();
+        let ctl = crate::jemalloc::ctl::ctl();
         let stats = match ctl.clone().and_then(|ctl| ctl.snapshot()) {
             Ok(stats) => Some(stats),
             Err(e) => {
