@@ -10,13 +10,21 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+/// A forwarded request that waits for the inner service to be ready before it is called.
+pub(crate) type Waiting<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
 pin_project! {
     /// Response future of [`JemallocService`](crate::JemallocService).
     ///
-    /// A forwarded request polls the inner service's future directly (no boxing). An
-    /// intercepted request is answered at once, or, when it must wait for a render or the purge
-    /// thread, through one boxed future.
-    pub struct ResponseFuture<F> {
+    /// A forwarded request whose inner service was ready polls the inner service's future
+    /// directly (no boxing); one that arrived while the inner service was not ready waits for
+    /// it (`poll_ready`, then `call`) inside one boxed future. An intercepted request is
+    /// answered at once, or, when it must wait for a render or the purge thread, through one
+    /// boxed future.
+    pub struct ResponseFuture<F>
+    where
+        F: Future,
+    {
         #[pin]
         kind: Kind<F>,
     }
@@ -24,17 +32,28 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F> {
+    enum Kind<F>
+    where
+        F: Future,
+    {
         Inner { #[pin] future: F },
+        Waiting { future: Waiting<F::Output> },
         Local { response: Option<Response<Full<Bytes>>> },
         Pending { future: Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>> },
     }
 }
 
-impl<F> ResponseFuture<F> {
+impl<F: Future> ResponseFuture<F> {
     pub(crate) fn inner(future: F) -> Self {
         Self {
             kind: Kind::Inner { future },
+        }
+    }
+
+    /// A forwarded request that first waits for the inner service to be ready.
+    pub(crate) fn waiting(future: Waiting<F::Output>) -> Self {
+        Self {
+            kind: Kind::Waiting { future },
         }
     }
 
@@ -50,10 +69,11 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F> std::fmt::Debug for ResponseFuture<F> {
+impl<F: Future> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.kind {
             Kind::Inner { .. } => "Inner",
+            Kind::Waiting { .. } => "Waiting",
             Kind::Local { .. } => "Local",
             Kind::Pending { .. } => "Pending",
         };
@@ -77,6 +97,10 @@ where
         let response = match self.project().kind.project() {
             KindProj::Inner { future } => {
                 let response = ready!(future.poll(cx))?;
+                return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+            }
+            KindProj::Waiting { future } => {
+                let response = ready!(future.as_mut().poll(cx))?;
                 return Poll::Ready(Ok(response.map(ResponseBody::inner)));
             }
             KindProj::Local { response } => response

@@ -21,12 +21,43 @@ use tower::Service;
 /// (so that the connection is not reset under the answer), up to 1 MiB; a longer one gets a
 /// 413 with `Connection: close`.
 ///
+/// # Readiness: monitoring never waits on the application
+///
+/// The layer's own endpoints answer whatever the inner service is doing: `poll_ready` asks the
+/// inner service, but answers ready even when it is not (a `ConcurrencyLimit` at its limit, a
+/// load shedder, a saturated pool), so that `/metrics` is served exactly when the application
+/// is busiest. Forwarded requests still keep the tower contract with the inner service:
+///
+/// - when the inner service said it was ready, the request is passed to its `call` at once
+///   (the fast path: no allocation, no clone);
+/// - otherwise the service takes a clone of the inner service, and the response future first
+///   waits for that clone's `poll_ready`, then calls it (one boxed future per such request).
+///
+/// This is why the inner service must be `Clone + Send + 'static`, as axum's `Router`,
+/// tonic's routes, tower's `service_fn` and every tower middleware around such services are.
+/// The backpressure the inner service applies then shows as forwarded requests waiting for
+/// their answer rather than as the connection not being read: HTTP/2 still bounds them by its
+/// concurrent streams per connection, HTTP/1.1 by one request per connection, the same as
+/// behind axum's `Router`, which also answers ready and waits per route.
+///
 /// Named `JemallocService` rather than tower-http's usual `Jemalloc<S>` so that it does not
 /// clash with the allocator type `tikv_jemallocator::Jemalloc` that the same files import.
-#[derive(Clone)]
 pub struct JemallocService<S> {
     inner: S,
     shared: Arc<Shared>,
+    /// The inner service answered ready to the last `poll_ready` and was not called since.
+    inner_ready: bool,
+}
+
+impl<S: Clone> Clone for JemallocService<S> {
+    /// A clone of the inner service has not been polled ready, whatever `self`'s state.
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+            inner_ready: false,
+        }
+    }
 }
 
 /// What a layer and every service it made share.
@@ -44,7 +75,11 @@ impl<S> JemallocService<S> {
     /// Wraps `inner`; made by [`JemallocLayer`](crate::JemallocLayer), which is the way to
     /// configure and build one (`layer.layer(inner)`).
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
+        Self {
+            inner,
+            shared,
+            inner_ready: false,
+        }
     }
 
     /// The inner service.
@@ -52,14 +87,40 @@ impl<S> JemallocService<S> {
         &self.inner
     }
 
-    /// The inner service, mutably.
+    /// The inner service, mutably. Whatever readiness the inner service had reserved is
+    /// asked for again before the next forwarded call.
     pub fn get_mut(&mut self) -> &mut S {
+        self.inner_ready = false;
         &mut self.inner
     }
 
     /// Consumes `self`, returning the inner service.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+}
+
+impl<S> JemallocService<S> {
+    /// The answer to a forwarded request that arrived while the inner service was not ready:
+    /// the inner service (whatever readiness it is acquiring goes with it) waits in the
+    /// response future, and a clone takes its place for the requests after this one.
+    #[cold]
+    #[inline(never)]
+    fn wait_for_inner<ReqBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> crate::future::Waiting<Result<S::Response, S::Error>>
+    where
+        S: Service<Request<ReqBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Send + 'static,
+    {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+            inner.call(req).await
+        })
     }
 }
 
@@ -76,7 +137,8 @@ impl<S: fmt::Debug> fmt::Debug for JemallocService<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for JemallocService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
     ReqBody: http_body::Body + Send + 'static,
     ReqBody::Data: Send,
     ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -85,15 +147,29 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
+    /// Ready whenever the layer can answer its own paths, which is always, unless the inner
+    /// service failed: see [Readiness](JemallocService#readiness-monitoring-never-waits-on-the-application).
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        if !self.inner_ready {
+            match self.inner.poll_ready(cx) {
+                Poll::Ready(Ok(())) => self.inner_ready = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // Not ready: the layer's own paths are answered all the same, and a forwarded
+                // request waits for a clone of the inner service in its response future.
+                Poll::Pending => {}
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some(index) = self.shared.routes.find(req.uri().path()) else {
-            return ResponseFuture::inner(self.inner.call(req));
+            if std::mem::take(&mut self.inner_ready) {
+                return ResponseFuture::inner(self.inner.call(req));
+            }
+            return ResponseFuture::waiting(self.wait_for_inner(req));
         };
         let (parts, body) = req.into_parts();
         if body.is_end_stream() {
