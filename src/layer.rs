@@ -1,4 +1,5 @@
-//! [`JemallocLayer`]: the tower [`Layer`] that puts the endpoints in front of a service.
+//! [`JemallocLayer`]: the tower [`Layer`](https://docs.rs/tower/0.5/tower/trait.Layer.html)
+//! that puts the endpoints in front of a service.
 //!
 //! Its constructors ([`JemallocLayer::new`], [`JemallocLayer::builder`]) live in the builder's
 //! file, beside the configuration they check.
@@ -10,9 +11,10 @@ use std::fmt;
 use std::sync::Arc;
 use tower::Layer;
 
-/// A [`Layer`] that answers `GET /metrics`, `POST|PUT /debug/jemalloc/purge` and
-/// `GET /debug/jemalloc/stats` itself and forwards every other request to the service it
-/// wraps, untouched.
+/// A tower [`Layer`](https://docs.rs/tower/0.5/tower/trait.Layer.html) that answers its own
+/// paths itself (`GET /metrics`, and the debug endpoints: purge, stats, config, and with the
+/// `profiling` feature the heap profile and the profiler's control; see [`Endpoint`]) and
+/// forwards every other request to the service it wraps, untouched.
 ///
 /// Made by [`JemallocLayer::new`] (the defaults) or [`JemallocLayer::builder`]. Cloning is
 /// cheap: the routes, registry and meter provider live behind one `Arc`, shared with every

@@ -29,19 +29,38 @@
 //! usage and limit, all from the same snapshot; per-arena gauges are opt-in
 //! ([`per_arena_metrics`](JemallocLayerBuilder::per_arena_metrics)).
 //!
+//! The layer's own paths answer whatever the service behind it is doing: `poll_ready` is ready
+//! even while the inner service applies backpressure (a `ConcurrencyLimit` at its limit, say),
+//! and forwarded requests then wait for the inner service's readiness in their own future. The
+//! inner service must be `Clone + Send + 'static` for that, as axum's, tonic's and hyper's
+//! services are ([`JemallocService`] explains).
+//!
 //! `/metrics` is open; the debug endpoints (purge, stats, config, heap, profiling) answer 403
 //! until they have an access rule: a bearer token, a predicate, or an explicit
 //! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
 //! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
 //! stats and scrape bounds; see the README's Security section. Every other request goes to the inner service untouched. JSON answers are serde
 //! types ([`PurgeReport`], [`JemallocStats`], [`StatsSummary`]) that a Rust client can read
-//! back, and the crates whose types appear in the API are re-exported ([`opentelemetry`],
-//! [`opentelemetry_sdk`], [`opentelemetry_prometheus`], [`prometheus`]), so that a user needs
+//! back, and the crates whose types appear in the API are re-exported ([`opentelemetry`][otel],
+//! [`opentelemetry_sdk`][otel-sdk], [`opentelemetry_prometheus`][otel-prom],
+//! [`prometheus`][prom]), so that a user needs
 //! no matching versions of their own.
 //!
 //! # Quick start
 //!
-//! jemalloc must be the process's global allocator, or the figures would describe nothing:
+//! jemalloc must be the process's global allocator, or the figures would describe nothing.
+//! Besides this crate, the example uses `bytes`, `http`, `http-body-util`, `tokio` (features
+//! `macros` and `rt`) and `tower` (feature `util`):
+//!
+//! ```toml
+//! [dependencies]
+//! tower-jemalloc = "0.1"
+//! bytes = "1"
+//! http = "1"
+//! http-body-util = "0.1"
+//! tokio = { version = "1", features = ["macros", "rt"] }
+//! tower = { version = "0.5", features = ["util"] }
+//! ```
 //!
 //! ```
 //! use bytes::Bytes;
@@ -165,7 +184,7 @@
 //! # Where to put the layer
 //!
 //! Around the whole application, so that `/metrics` and the purge path answer whatever the
-//! routes are. In a [`tower::ServiceBuilder`] stack the position also decides what the other
+//! routes are. In a [`tower::ServiceBuilder`][builder] stack the position also decides what the other
 //! layers see: a layer *outside* (added before it) sees every request, scrapes and purges
 //! included — right for access logs and request metrics, but a timeout there also bounds a
 //! purge of many GiB, and an authentication layer there also guards `/metrics`. A layer
@@ -179,6 +198,12 @@
 //! the purge endpoint answers 501. When jemalloc is compiled in but is not the global allocator,
 //! the gauges are left out (no misleading zeros; a warning is logged once) and purge answers
 //! 503.
+//!
+//! [otel]: https://docs.rs/opentelemetry/0.33
+//! [otel-sdk]: https://docs.rs/opentelemetry_sdk/0.33
+//! [otel-prom]: https://docs.rs/opentelemetry-prometheus/0.33
+//! [prom]: https://docs.rs/prometheus/0.14
+//! [builder]: https://docs.rs/tower/0.5/tower/struct.ServiceBuilder.html
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

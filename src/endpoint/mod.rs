@@ -75,8 +75,8 @@ macro_rules! endpoints {
             /// Every endpoint, in the order the layer matches paths.
             pub const ALL: &'static [Endpoint] = &[$(Self::$variant),*];
 
-            /// Its name in messages and errors: `"metrics"`, `"purge"`, `"stats"`, `"heap"`,
-            /// `"profiling"`.
+            /// Its name in messages and errors: `"metrics"`, `"purge"`, `"stats"`, `"config"`,
+            /// `"heap"`, `"profiling"`.
             pub fn name(self) -> &'static str {
                 match self { $(Self::$variant => $name,)* }
             }
