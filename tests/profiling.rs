@@ -205,6 +205,12 @@ mod with_the_feature {
             ("GET", "/debug/pprof/heap?seconds=0", "from 1 to 300"),
             ("GET", "/debug/pprof/heap?seconds=301", "from 1 to 300"),
             ("GET", "/debug/pprof/heap?seconds=1.5", "from 1 to 300"),
+            ("GET", "/debug/pprof/heap?seconds=+3", "without a sign"),
+            (
+                "GET",
+                "/debug/pprof/heap?seconds=3&seconds=1",
+                "parameter \"seconds\" is given twice",
+            ),
             (
                 "GET",
                 "/debug/pprof/heap?debug=1",
@@ -249,6 +255,21 @@ mod with_the_feature {
                 "PUT",
                 "/debug/jemalloc/profiling?active=false&for=1m",
                 "only goes with active=true",
+            ),
+            (
+                "PUT",
+                "/debug/jemalloc/profiling?active=true&for=+2s",
+                "without a sign",
+            ),
+            (
+                "PUT",
+                "/debug/jemalloc/profiling?lg_sample=+20",
+                "without a sign",
+            ),
+            (
+                "PUT",
+                "/debug/jemalloc/profiling?active=false&active=true",
+                "parameter \"active\" is given twice",
             ),
         ] {
             let answer = send(&mut service, request(method, uri)).await;
