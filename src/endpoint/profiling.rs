@@ -4,12 +4,17 @@
 //!   (jemalloc started with `prof:true`), active, and the sample interval.
 //! - `PUT ?active=true|false`: switches sampling (`prof.active`) on or off. With `active=true`,
 //!   `for=<duration>` (`90s`, `15m`, `2h`; at most 24 h) switches it off again by itself
-//!   after that long, so that nobody leaves it on by accident; a later `PUT` replaces it.
+//!   after that long, so that nobody leaves it on by accident. That deadline is replaced by a
+//!   later `active=true&for=…`, cleared by `active=false`, and kept by an `active=true`
+//!   without `for=` while profiling is still on (a second operator's switch-on must not
+//!   quietly undo the first one's switch-off): the answer's `after.switches_off_in_seconds`
+//!   says when it comes. To keep profiling on longer, give a new `for=`; to keep it on with
+//!   no deadline, switch it off and on again.
 //! - `PUT ?lg_sample=N` (12 to 30): samples every 2^N bytes on average from now on
 //!   (`prof.reset`, which also forgets every sample taken so far). jemalloc's default is 19,
 //!   512 KiB.
 //! - A `PUT` answers a JSON [`ProfilingChange`](crate::ProfilingChange): the state before
-//!   and after.
+//!   and after, each with `switches_off_in_seconds` while a deadline is set.
 //!
 //! Each parameter at most once; numbers (`lg_sample`, the number in `for`) are digits without
 //! a sign: `for=+2s` and `lg_sample=+19` are 400s.
