@@ -3,6 +3,10 @@
 //! varied sizes) through the layer in front of a recording echo service. No panic; every
 //! intercepted request gets its documented status; every other request reaches the inner
 //! service byte-identical and its answer comes back unchanged.
+//!
+//! Then, on every endpoint that reads parameters: a name given twice and a number with a sign
+//! get a 400 naming the parameter, whatever the build (the parameters are checked before
+//! whether the endpoint can answer), and change nothing.
 #![cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 
 mod common;
@@ -15,7 +19,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use tower::Layer;
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -72,7 +76,9 @@ fn query() -> impl Strategy<Value = Option<String>> {
         2 => Just(None),
         1 => prop::sample::select(vec![
             "mode=purge", "mode=decay", "mode=", "mode=all", "format=text", "format=json",
-            "format=xml", "format", "x=1&mode=decay",
+            "format=xml", "format", "x=1&mode=decay", "mode=decay&mode=purge",
+            "mode=purge&mode=purge", "mode&mode=decay", "format=json&format=text", "mode=%64ecay",
+            "mode=+1", "format=json&&",
         ]).prop_map(|q| Some(q.to_owned())),
         2 => "[A-Za-z0-9=&%._~+-]{0,64}".prop_map(Some),
         1 => long("[A-Za-z0-9=&]{1,8}", 250..1000).prop_map(Some),
@@ -173,11 +179,12 @@ fn generated_requests_get_their_documented_answers() {
             .map(|pair| pair.split_once('=').map_or(pair, |(key, _)| key))
             .collect();
         let only = |allowed: &str| names.iter().all(|name| *name == allowed);
+        let repeated = names.iter().enumerate().any(|(i, name)| names[..i].contains(name));
         let authorized = header_map.get("authorization").is_some_and(|v| {
             let v = v.as_bytes();
             v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") && v[7..].trim_ascii() == TOKEN.as_bytes()
         });
-        // The first `name=` parameter, as the layer reads it.
+        // The `name=` parameter; repeated names are refused before it is read.
         let param = |name: &str| {
             uri.query()?.split('&').find_map(|pair| {
                 let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -199,7 +206,7 @@ fn generated_requests_get_their_documented_answers() {
                     Some(&[StatusCode::BAD_REQUEST])
                 } else if !authorized {
                     Some(&[StatusCode::UNAUTHORIZED])
-                } else if !only(if uri.path() == "/debug/jemalloc/stats" { "format" } else { "mode" }) {
+                } else if !only(if uri.path() == "/debug/jemalloc/stats" { "format" } else { "mode" }) || repeated {
                     Some(&[StatusCode::BAD_REQUEST])
                 } else if uri.path() == "/debug/jemalloc/stats" {
                     match param("format") {
@@ -260,4 +267,196 @@ fn generated_requests_get_their_documented_answers() {
         total >= u64::from(CASES),
         "at least {CASES} requests went through, got {total}"
     );
+}
+
+/// One endpoint: a request it accepts, and the same request broken by a repeated name or a
+/// signed number, with what its 400 says.
+struct Case {
+    method: &'static str,
+    path: &'static str,
+    accepted: String,
+    refused: Vec<(&'static str, &'static str)>,
+}
+
+/// The sum of the samples of `name` in `service`'s exposition, which has some.
+async fn total(service: &mut tower_jemalloc::JemallocService<Echo>, name: &str) -> f64 {
+    let exposition = parse_exposition(send(service, request("GET", "/metrics")).await.text());
+    let values: Vec<f64> = exposition
+        .samples
+        .iter()
+        .filter(|sample| sample.name == name)
+        .map(|sample| sample.value)
+        .collect();
+    assert!(!values.is_empty(), "no {name} in the exposition");
+    values.iter().sum()
+}
+
+#[tokio::test]
+async fn repeated_and_signed_parameters_get_400_on_every_endpoint() {
+    let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
+        .purge_cooldown(std::time::Duration::ZERO)
+        .build()
+        .unwrap();
+    let (echo, seen) = recording_echo();
+    let mut service = layer.layer(echo);
+
+    // The accepted config change writes the decay time the process already has.
+    let config = send(&mut service, request("GET", "/debug/jemalloc/config")).await;
+    assert_eq!(config.status, StatusCode::OK, "{}", config.text());
+    let config = config.json();
+    let cases = [
+        Case {
+            method: "POST",
+            path: "/debug/jemalloc/purge",
+            accepted: "mode=decay".to_owned(),
+            refused: vec![
+                ("mode=decay&mode=purge", "parameter \"mode\" is given twice"),
+                ("mode=purge&mode=purge", "parameter \"mode\" is given twice"),
+                ("mode&mode=decay", "parameter \"mode\" is given twice"),
+                // Not percent-decoded: neither a second spelling of decay nor of mode.
+                ("mode=%64ecay", "unknown purge mode \"%64ecay\""),
+                ("mode=decay&%6Dode=purge", "unknown parameter \"%6Dode\""),
+            ],
+        },
+        Case {
+            method: "GET",
+            path: "/debug/jemalloc/stats",
+            accepted: "format=text".to_owned(),
+            refused: vec![
+                (
+                    "format=json&format=text",
+                    "parameter \"format\" is given twice",
+                ),
+                (
+                    "format=text&format=text",
+                    "parameter \"format\" is given twice",
+                ),
+            ],
+        },
+        Case {
+            method: "PUT",
+            path: "/debug/jemalloc/config",
+            accepted: format!("dirty_decay_ms={}", config["dirty_decay_ms"]),
+            refused: vec![
+                (
+                    "dirty_decay_ms=+5000",
+                    "dirty_decay_ms=\"+5000\" is not valid: use dirty_decay_ms=N",
+                ),
+                ("muzzy_decay_ms=+0", "with no + sign"),
+                ("dirty_decay_ms=--1", "dirty_decay_ms=\"--1\" is not valid"),
+                ("max_background_threads=+1", "without a sign"),
+                (
+                    "dirty_decay_ms=5000&dirty_decay_ms=5000",
+                    "parameter \"dirty_decay_ms\" is given twice",
+                ),
+                (
+                    "background_thread=true&background_thread=false",
+                    "parameter \"background_thread\" is given twice",
+                ),
+            ],
+        },
+        Case {
+            method: "GET",
+            path: "/debug/pprof/heap",
+            accepted: "format=flamegraph&seconds=1".to_owned(),
+            refused: vec![
+                (
+                    "seconds=+3",
+                    "seconds must be a whole number from 1 to 300, without a sign",
+                ),
+                ("seconds=-3", "seconds must be a whole number from 1 to 300"),
+                (
+                    "seconds=1&seconds=1",
+                    "parameter \"seconds\" is given twice",
+                ),
+                (
+                    "format=pprof&format=flamegraph",
+                    "parameter \"format\" is given twice",
+                ),
+            ],
+        },
+        Case {
+            method: "PUT",
+            path: "/debug/jemalloc/profiling",
+            accepted: "active=true&for=2s".to_owned(),
+            refused: vec![
+                (
+                    "active=true&for=+2s",
+                    "for must be a whole number of seconds, minutes or hours",
+                ),
+                ("active=true&for=-2s", "for must be a whole number"),
+                (
+                    "lg_sample=+19",
+                    "lg_sample must be a whole number from 12 to 30, without a sign",
+                ),
+                ("lg_sample=-19", "lg_sample must be a whole number"),
+                (
+                    "active=true&active=false",
+                    "parameter \"active\" is given twice",
+                ),
+                (
+                    "active=true&for=1s&for=1h",
+                    "parameter \"for\" is given twice",
+                ),
+            ],
+        },
+    ];
+
+    // The same parameters, once and without a sign, get past the parameter check (what
+    // comes after depends on the build and on the other tests: 200, 409, 429, 501, 503).
+    for case in &cases {
+        let uri = format!("{}?{}", case.path, case.accepted);
+        let answer = send(&mut service, request(case.method, &uri)).await;
+        let method = case.method;
+        assert_ne!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{method} {uri}: {}",
+            answer.text()
+        );
+    }
+
+    let purges = total(&mut service, "jemalloc_purges_total").await;
+    let forwarded = seen.lock().unwrap().len();
+    for case in &cases {
+        let (method, path) = (case.method, case.path);
+        for (query, reason) in &case.refused {
+            let uri = format!("{path}?{query}");
+            let answer = send(&mut service, request(method, &uri)).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::BAD_REQUEST,
+                "{method} {uri}: {}",
+                answer.text()
+            );
+            assert_eq!(
+                answer.header("content-type"),
+                Some("text/plain; charset=utf-8")
+            );
+            assert!(
+                answer.text().contains(reason),
+                "{method} {uri}: {}",
+                answer.text()
+            );
+            assert_eq!(
+                answer.text().lines().count(),
+                1,
+                "one line: {}",
+                answer.text()
+            );
+        }
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        forwarded,
+        "nothing was forwarded"
+    );
+
+    // The refused requests ran nothing: no purge, and the tuning is as it was.
+    assert_eq!(total(&mut service, "jemalloc_purges_total").await, purges);
+    let now = send(&mut service, request("GET", "/debug/jemalloc/config"))
+        .await
+        .json();
+    assert_eq!(now, config);
 }

@@ -164,7 +164,11 @@ async fn bad_puts_get_400_and_change_nothing() {
         ),
         (
             "dirty_decay_ms=100&dirty_decay_ms=200",
-            "dirty_decay_ms is given twice",
+            "parameter \"dirty_decay_ms\" is given twice",
+        ),
+        (
+            "dirty_decay_ms=+5000",
+            "dirty_decay_ms=\"+5000\" is not valid",
         ),
         ("dirty_decay_ms=100&decay=1", "unknown parameter \"decay\""),
         // A valid value beside a bad one: nothing is applied.

@@ -181,14 +181,63 @@ mod with_the_feature {
             }
         }
         assert!(!active, "still active 4 s after for=1s");
+    }
 
-        // A later switch-on without for= stays on.
-        put(&mut service, "active=true&for=1s").await;
+    /// Polls the state until profiling is off, for at most `limit`; whether it is.
+    async fn switched_off_within(service: &mut JemallocService<Echo>, limit: Duration) -> bool {
+        let step = Duration::from_millis(100);
+        for _ in 0..limit.as_millis() / step.as_millis() {
+            tokio::time::sleep(step).await;
+            let status = send(service, request("GET", CONTROL)).await.json();
+            if status["active"] == false {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_switch_on_without_for_keeps_the_deadline_and_says_so() {
+        let mut service = layer(JemallocLayer::builder());
+        let _turn = turn(&mut service).await;
+
+        // A second active=true names no deadline: the first one's stays, and the answer says
+        // when it comes.
+        put(&mut service, "active=true&for=2s").await;
         let change = put(&mut service, "active=true").await;
+        assert_eq!(change["after"]["active"], true);
+        let left = change["after"]["switches_off_in_seconds"].as_u64();
+        assert!(matches!(left, Some(1..=2)), "{change}");
+        assert!(
+            change["before"]["switches_off_in_seconds"].is_u64(),
+            "{change}"
+        );
+        assert!(
+            switched_off_within(&mut service, Duration::from_secs(5)).await,
+            "the deadline of for=2s was dropped by a later active=true"
+        );
+
+        // A new for= replaces the deadline, shorter or longer.
+        put(&mut service, "active=true&for=1h").await;
+        let change = put(&mut service, "active=true&for=2s").await;
+        assert_eq!(change["before"]["switches_off_in_seconds"], 3600);
+        assert_eq!(change["after"]["switches_off_in_seconds"], 2);
+        let change = put(&mut service, "active=true&for=1h").await;
+        assert_eq!(change["after"]["switches_off_in_seconds"], 3600);
+
+        // active=false clears it: switched on again without for=, profiling stays on.
+        let change = put(&mut service, "active=false").await;
         assert!(change["after"].get("switches_off_in_seconds").is_none());
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let status = send(&mut service, request("GET", CONTROL)).await.json();
-        assert_eq!(status["active"], true, "{status}");
+        let change = put(&mut service, "active=true").await;
+        assert_eq!(change["after"]["active"], true);
+        assert!(change["after"].get("switches_off_in_seconds").is_none());
+        put(&mut service, "active=true&for=1s").await;
+        put(&mut service, "active=false").await;
+        put(&mut service, "active=true").await;
+        assert!(
+            !switched_off_within(&mut service, Duration::from_millis(1500)).await,
+            "a deadline survived active=false"
+        );
     }
 
     #[tokio::test]
@@ -205,6 +254,12 @@ mod with_the_feature {
             ("GET", "/debug/pprof/heap?seconds=0", "from 1 to 300"),
             ("GET", "/debug/pprof/heap?seconds=301", "from 1 to 300"),
             ("GET", "/debug/pprof/heap?seconds=1.5", "from 1 to 300"),
+            ("GET", "/debug/pprof/heap?seconds=+3", "without a sign"),
+            (
+                "GET",
+                "/debug/pprof/heap?seconds=3&seconds=1",
+                "parameter \"seconds\" is given twice",
+            ),
             (
                 "GET",
                 "/debug/pprof/heap?debug=1",
@@ -249,6 +304,21 @@ mod with_the_feature {
                 "PUT",
                 "/debug/jemalloc/profiling?active=false&for=1m",
                 "only goes with active=true",
+            ),
+            (
+                "PUT",
+                "/debug/jemalloc/profiling?active=true&for=+2s",
+                "without a sign",
+            ),
+            (
+                "PUT",
+                "/debug/jemalloc/profiling?lg_sample=+20",
+                "without a sign",
+            ),
+            (
+                "PUT",
+                "/debug/jemalloc/profiling?active=false&active=true",
+                "parameter \"active\" is given twice",
             ),
         ] {
             let answer = send(&mut service, request(method, uri)).await;

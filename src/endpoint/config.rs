@@ -14,8 +14,10 @@
 //!     (`arena.<i>.…`, including the arena jemalloc keeps for huge allocations) and to arenas
 //!     created later (`arenas.…`).
 //!
-//!   An empty `PUT`, a name given twice, an unknown name or a bad value is a 400 naming what
-//!   is allowed, and nothing is written: the whole change is checked first. A write that
+//!   Numbers are digits, with a `-` only where a negative value means something (the decay
+//!   times' -1); a `+` is refused. An empty `PUT`, a name given twice, an unknown name or a
+//!   bad value is a 400 naming what is allowed, and nothing is written: the whole change is
+//!   checked first. A write that
 //!   fails undoes the ones before it (500 saying so). One change runs at a time in the process
 //!   (409 meanwhile). Each changed setting is logged through `tracing` (info) with its old and
 //!   new value, and counted in `jemalloc_config_changes_total{setting}`.
@@ -29,7 +31,7 @@
 
 use super::handler::{Context, Handler};
 use super::job::{Flight, Job, Runner};
-use super::query;
+use super::query::{self, Query};
 use super::response::{self, Answer};
 use crate::jemalloc::tuning::{
     self, ChangeError, ChangeGuard, ConfigChange, ConfigUpdate, JemallocConfig, Setting,
@@ -93,18 +95,17 @@ impl Handler for Config {
         }
     }
 
-    fn params(&self, parts: &Parts) -> Result<Request, Answer> {
-        let query = parts.uri.query().filter(|q| !q.is_empty());
+    fn params(&self, parts: &Parts, query: Query<'_>) -> Result<Request, Answer> {
         if parts.method != Method::PUT {
-            return match query {
-                None => Ok(Request::Read {
-                    head: parts.method == Method::HEAD,
-                }),
-                Some(_) => Err(bad_request(format_args!(
+            if !query.is_empty() {
+                return Err(bad_request(format_args!(
                     "{} takes no parameters: change settings with PUT and {ALLOWED}",
                     parts.method
-                ))),
-            };
+                )));
+            }
+            return Ok(Request::Read {
+                head: parts.method == Method::HEAD,
+            });
         }
         let change = parse(query)?;
         if change.is_empty() {
@@ -168,22 +169,13 @@ fn bad_request(reason: impl std::fmt::Display) -> Answer {
     response::text(StatusCode::BAD_REQUEST, reason)
 }
 
-/// The change a `PUT`'s query asks for (names were checked by admission), or a 400 naming the
-/// first bad value or a name given twice.
-fn parse(query: Option<&str>) -> Result<ConfigChange, Answer> {
+/// The change a `PUT`'s query asks for (names were checked by the pipeline: known, each at
+/// most once), or a 400 naming the first bad value.
+fn parse(query: Query<'_>) -> Result<ConfigChange, Answer> {
     let mut change = ConfigChange::default();
     for setting in Setting::ALL {
         let name = setting.name();
-        let given = query
-            .into_iter()
-            .flat_map(|q| q.split('&'))
-            .filter(|pair| pair.split_once('=').map_or(*pair, |(key, _)| key) == name);
-        if given.count() > 1 {
-            return Err(bad_request(format_args!(
-                "{name} is given twice: give each setting once"
-            )));
-        }
-        let Some(value) = query::param(query, name) else {
+        let Some(value) = query.get(name) else {
             continue;
         };
         let invalid = |allowed: &str| {
@@ -201,15 +193,14 @@ fn parse(query: Option<&str>) -> Result<ConfigChange, Answer> {
             }
             Setting::MaxBackgroundThreads => {
                 change.max_background_threads = Some(
-                    value
-                        .parse()
-                        .map_err(|_| invalid("N, a whole number from 1"))?,
+                    query::whole_number(value)
+                        .ok_or_else(|| invalid("N, a whole number from 1, without a sign"))?,
                 );
             }
             Setting::DirtyDecayMs | Setting::MuzzyDecayMs => {
-                let ms = value.parse().map_err(|_| {
+                let ms = query::signed_number(value).ok_or_else(|| {
                     invalid(&format!(
-                        "N, milliseconds from -1 (never) to {MAX_DECAY_MS}"
+                        "N, milliseconds from -1 (never) to {MAX_DECAY_MS}, with no + sign"
                     ))
                 })?;
                 if setting == Setting::DirtyDecayMs {
@@ -228,7 +219,8 @@ mod tests {
     use super::*;
 
     fn parsed(query: &str) -> Result<ConfigChange, String> {
-        parse(Some(query)).map_err(|answer| {
+        let checked = Query::check(Some(query), Config::PARAMS, "/debug/jemalloc/config");
+        checked.and_then(parse).map_err(|answer| {
             assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
             format!("{:?}", answer.into_body())
         })
@@ -256,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_and_repeated_names_are_refused() {
+    fn bad_values_signs_and_repeated_names_are_refused() {
         for (query, expected) in [
             ("background_thread=yes", "use background_thread=true|false"),
             ("background_thread=", "use background_thread=true|false"),
@@ -266,9 +258,14 @@ mod tests {
             ),
             ("dirty_decay_ms=1.5", "milliseconds"),
             ("max_background_threads=-1", "a whole number from 1"),
+            ("max_background_threads=+2", "from 1, without a sign"),
+            ("dirty_decay_ms=+5000", "with no + sign"),
+            ("muzzy_decay_ms=+0", "with no + sign"),
+            ("dirty_decay_ms=--1", "milliseconds"),
+            ("dirty_decay_ms=%2D1", "milliseconds"),
             (
                 "dirty_decay_ms=1&dirty_decay_ms=2",
-                "dirty_decay_ms is given twice",
+                "parameter \\\"dirty_decay_ms\\\" is given twice",
             ),
         ] {
             let reason = parsed(query).unwrap_err();

@@ -2,6 +2,7 @@
 //! admission (parameters, availability and start, answer).
 
 use super::job::Job;
+use super::query::Query;
 use super::response::{Answer, Reply};
 use super::settings::Settings;
 use crate::telemetry::exposition::ZeroHistogram;
@@ -19,8 +20,10 @@ pub(crate) trait Handler: Send + Sync + Sized + 'static {
     /// Whether it answers anyone until access rules are set. Only `/metrics` is (Prometheus
     /// expects it); every debug endpoint is closed until an access rule is configured.
     const OPEN: bool = false;
-    /// The query parameter names it accepts; any other is a 400 naming these. `None`: not
-    /// checked (`/metrics`, where Prometheus's scrape `params` may add some).
+    /// The query parameter names it accepts, each at most once; any other name, or one given
+    /// twice, is a 400 before [`params`](Self::params) runs. `None`: not checked, and the
+    /// handler sees no parameters (`/metrics`, where Prometheus's scrape `params` may add
+    /// some).
     const PARAMS: Option<&'static [&'static str]> = Some(&[]);
     /// Histograms of its telemetry that `/metrics` writes at zero until their first
     /// measurement, so that they have series from the start.
@@ -32,8 +35,9 @@ pub(crate) trait Handler: Send + Sync + Sized + 'static {
 
     /// Builds the handler from the layer's configuration.
     fn new(context: &Context<'_>) -> Self;
-    /// Reads the request's parameters, or answers why not (400).
-    fn params(&self, parts: &Parts) -> Result<Self::Params, Answer>;
+    /// Reads the request's parameters from `query` (already checked: known names, each at
+    /// most once) and the headers, or answers why not (400).
+    fn params(&self, parts: &Parts, query: Query<'_>) -> Result<Self::Params, Answer>;
     /// Checks availability and starts (or joins) the job; `Err` is the answer given without
     /// one (a refusal, or a `HEAD` that needs no job).
     fn start(&self, params: &Self::Params) -> Result<Job<Self::Output>, Answer>;
@@ -52,13 +56,14 @@ pub(crate) struct Context<'a> {
 
 /// The pipeline after admission, for one kind of handler.
 pub(crate) trait Respond: Send + Sync {
-    /// Answers an admitted request; `endpoint` names it in the fallback answer.
-    fn respond(&self, endpoint: &'static str, parts: &Parts) -> Reply;
+    /// Answers an admitted request whose `query` is checked; `endpoint` names it in the
+    /// fallback answer.
+    fn respond(&self, endpoint: &'static str, parts: &Parts, query: Query<'_>) -> Reply;
 }
 
 impl<H: Handler> Respond for H {
-    fn respond(&self, endpoint: &'static str, parts: &Parts) -> Reply {
-        let params = match self.params(parts) {
+    fn respond(&self, endpoint: &'static str, parts: &Parts, query: Query<'_>) -> Reply {
+        let params = match self.params(parts, query) {
             Ok(params) => params,
             Err(refusal) => return Reply::Now(refusal),
         };

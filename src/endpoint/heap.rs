@@ -7,9 +7,10 @@
 //!   allocator's own frames (jemalloc's, Rust's allocation shims) are named in `drop_frames`,
 //!   so that `go tool pprof` attributes bytes to the code that allocated.
 //! - `?format=flamegraph`: an SVG flame graph of the same (`image/svg+xml`), for a browser.
-//! - `?seconds=N` (1 to 300), as Go's handler: the growth over the next N seconds, the
-//!   profile at the end minus the profile at the start, per stack. In pprof, a stack whose
-//!   memory was freed meanwhile has a negative value; the flame graph shows only what grew.
+//! - `?seconds=N` (1 to 300, digits without a sign), as Go's handler: the growth over the
+//!   next N seconds, the profile at the end minus the profile at the start, per stack. In
+//!   pprof, a stack whose memory was freed meanwhile has a negative value; the flame graph
+//!   shows only what grew.
 //!
 //! Needs the `profiling` feature (otherwise 501 saying so), jemalloc started with its profiler
 //! (otherwise 503 saying how) and profiling active: while it is inactive the answer is a 409
@@ -24,12 +25,14 @@
 //! is removed before it is read; a dump over the cap (default 64 MiB,
 //! `heap_profile_max_bytes`) is not read (500 naming the cap).
 //!
-//! Order of checks after admission: format and seconds (400), jemalloc and its profiler
-//! (501/503/409), a growth window already running (409).
+//! Order of checks after admission: parameters (an unknown or repeated name, a bad format or
+//! seconds: 400), jemalloc and its profiler (501/503/409), a growth window already running
+//! (409). The parameters are checked first, so a bad request gets its 400 whether or not the
+//! profiler is there.
 
 use super::handler::{Context, Handler};
 use super::job::{Flight, Job, Runner};
-use super::query;
+use super::query::{self, Query};
 use super::response::{self, Answer};
 use crate::jemalloc::profiling::{self, ProfileFormat, ProfilingError};
 use crate::telemetry::exposition::ZeroHistogram;
@@ -88,9 +91,8 @@ impl Handler for Heap {
         }
     }
 
-    fn params(&self, parts: &Parts) -> Result<Request, Answer> {
-        let query = parts.uri.query();
-        let format = match query::param(query, "format") {
+    fn params(&self, _: &Parts, query: Query<'_>) -> Result<Request, Answer> {
+        let format = match query.get("format") {
             None => ProfileFormat::Pprof,
             Some(value) => ProfileFormat::ALL
                 .into_iter()
@@ -105,15 +107,16 @@ impl Handler for Heap {
                     )
                 })?,
         };
-        let window = match query::param(query, "seconds") {
+        let window = match query.get("seconds") {
             None => None,
-            Some(value) => match value.parse::<u64>() {
-                Ok(seconds) if SECONDS.contains(&seconds) => Some(Duration::from_secs(seconds)),
+            Some(value) => match query::whole_number::<u64>(value) {
+                Some(seconds) if SECONDS.contains(&seconds) => Some(Duration::from_secs(seconds)),
                 _ => {
                     return Err(response::text(
                         StatusCode::BAD_REQUEST,
                         format_args!(
-                            "seconds must be a whole number from {} to {}, got {value:?}",
+                            "seconds must be a whole number from {} to {}, without a sign, \
+                             got {value:?}",
                             SECONDS.start(),
                             SECONDS.end()
                         ),

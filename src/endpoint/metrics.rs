@@ -19,10 +19,14 @@
 //!   scrape gets a 503 with `Retry-After: 1` at once. Waiting on a shared render costs almost
 //!   nothing, so the limit only bounds the memory that waiting scrapes hold.
 //!
+//! The query string is not read, nor checked: Prometheus's scrape `params` may add names of
+//! its own, even repeated ones, and they change nothing.
+//!
 //! Order of checks after admission: in-flight limit (503), then the render.
 
 use super::handler::{Context, Handler};
 use super::job::{Flight, Job, Runner};
+use super::query::Query;
 use super::response::{self, Answer};
 use crate::telemetry::exposition::{Render, Renderer, CONTENT_TYPE};
 use http::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, VARY};
@@ -75,7 +79,7 @@ impl Handler for Metrics {
         }
     }
 
-    fn params(&self, parts: &Parts) -> Result<Scrape, Answer> {
+    fn params(&self, parts: &Parts, _: Query<'_>) -> Result<Scrape, Answer> {
         Ok(Scrape {
             head: parts.method == Method::HEAD,
             gzip: self.gzip && accepts_gzip(&parts.headers),

@@ -3,8 +3,10 @@
 //!
 //! 1. **admit**: the method (405 with `Allow`), then access (401 with
 //!    `WWW-Authenticate: Bearer`, or 403), whoever the endpoint is;
-//! 2. **parameters**: from the query string and headers (400 with a reason naming what is
-//!    allowed), [`Handler::params`];
+//! 2. **parameters**: the query string checked against the names the endpoint accepts, each
+//!    at most once ([`Query::check`]: 400 naming them, or naming the one given twice), then
+//!    read from it and the headers ([`Handler::params`]: 400 with a reason naming what is
+//!    allowed; numbers are digits without a sign unless a negative one means something);
 //! 3. **availability and start**: jemalloc usable (501/503), a slot free (409, 429 or 503 with
 //!    `Retry-After`), then the job starts off the async workers or joins the one in progress,
 //!    [`Handler::start`];
@@ -46,6 +48,7 @@ use crate::telemetry::exposition::ZeroHistogram;
 use handler::{Handler, Respond};
 use http::request::Parts;
 use http::Method;
+use query::Query;
 use std::fmt;
 
 macro_rules! endpoints {
@@ -177,8 +180,8 @@ impl Route {
         }
     }
 
-    /// Answers a request on this route: admission (method, access, parameter names), then the
-    /// handler's pipeline.
+    /// Answers a request on this route: admission (method, access), the parameter names
+    /// (unknown or repeated: 400), then the handler's pipeline.
     pub(crate) fn respond(&self, parts: &Parts) -> Reply {
         if !self.methods.contains(&parts.method) {
             return Reply::Now(response::method_not_allowed(self.allow, &self.path));
@@ -186,13 +189,10 @@ impl Route {
         if let Some(refusal) = self.access.refusal(parts) {
             return Reply::Now(refusal);
         }
-        if let Some(refusal) = self
-            .params
-            .and_then(|allowed| query::unknown_param(parts.uri.query(), allowed, &self.path))
-        {
-            return Reply::Now(refusal);
+        match Query::check(parts.uri.query(), self.params, &self.path) {
+            Ok(query) => self.handler.respond(self.endpoint.name(), parts, query),
+            Err(refusal) => Reply::Now(refusal),
         }
-        self.handler.respond(self.endpoint.name(), parts)
     }
 }
 

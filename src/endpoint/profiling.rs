@@ -4,23 +4,32 @@
 //!   (jemalloc started with `prof:true`), active, and the sample interval.
 //! - `PUT ?active=true|false`: switches sampling (`prof.active`) on or off. With `active=true`,
 //!   `for=<duration>` (`90s`, `15m`, `2h`; at most 24 h) switches it off again by itself
-//!   after that long, so that nobody leaves it on by accident; a later `PUT` replaces it.
+//!   after that long, so that nobody leaves it on by accident. That deadline is replaced by a
+//!   later `active=true&for=…`, cleared by `active=false`, and kept by an `active=true`
+//!   without `for=` while profiling is still on (a second operator's switch-on must not
+//!   quietly undo the first one's switch-off): the answer's `after.switches_off_in_seconds`
+//!   says when it comes. To keep profiling on longer, give a new `for=`; to keep it on with
+//!   no deadline, switch it off and on again.
 //! - `PUT ?lg_sample=N` (12 to 30): samples every 2^N bytes on average from now on
 //!   (`prof.reset`, which also forgets every sample taken so far). jemalloc's default is 19,
 //!   512 KiB.
 //! - A `PUT` answers a JSON [`ProfilingChange`](crate::ProfilingChange): the state before
-//!   and after.
+//!   and after, each with `switches_off_in_seconds` while a deadline is set.
+//!
+//! Each parameter at most once; numbers (`lg_sample`, the number in `for`) are digits without
+//! a sign: `for=+2s` and `lg_sample=+19` are 400s.
 //!
 //! The calls are a few mallctl reads and writes, made on the request's task (no thread).
 //! Without the `profiling` feature: 501 saying to build with it; jemalloc started without its
 //! profiler: `GET` says so (`available: false`, with how to start it), `PUT` is a 503 saying
 //! how.
 //!
-//! Order of checks after admission: parameters (400), then jemalloc and its profiler.
+//! Order of checks after admission: parameters (400), then jemalloc and its profiler, so a bad
+//! request gets its 400 whether or not the profiler is there (or compiled in).
 
 use super::handler::{Context, Handler};
 use super::job::Job;
-use super::query;
+use super::query::{self, Query};
 use super::response::{self, Answer};
 use crate::jemalloc::profiling::{self, ProfilingError, LG_SAMPLE_RANGE, MAX_ACTIVE_FOR};
 use crate::jemalloc::ProfilingChange;
@@ -55,18 +64,18 @@ impl Handler for Profiling {
         Self
     }
 
-    fn params(&self, parts: &Parts) -> Result<Request, Answer> {
-        let query = parts.uri.query();
+    fn params(&self, parts: &Parts, query: Query<'_>) -> Result<Request, Answer> {
         if parts.method == Method::GET {
-            return match query.filter(|q| !q.is_empty()) {
-                None => Ok(Request::Status),
-                Some(_) => Err(bad_request(
+            if !query.is_empty() {
+                return Err(bad_request(
                     "GET only reads the state: change it with PUT ?active=true|false or \
                      ?lg_sample=N",
-                )),
-            };
+                ));
+            }
+            return Ok(Request::Status);
         }
-        let active = query::param(query, "active")
+        let active = query
+            .get("active")
             .map(|value| match value {
                 "true" => Ok(true),
                 "false" => Ok(false),
@@ -75,13 +84,14 @@ impl Handler for Profiling {
                 ))),
             })
             .transpose()?;
-        let for_ = query::param(query, "for").map(parse_for).transpose()?;
-        let lg_sample = query::param(query, "lg_sample")
-            .map(|value| match value.parse::<u32>() {
-                Ok(lg) if LG_SAMPLE_RANGE.contains(&lg) => Ok(lg),
+        let for_ = query.get("for").map(parse_for).transpose()?;
+        let lg_sample = query
+            .get("lg_sample")
+            .map(|value| match query::whole_number::<u32>(value) {
+                Some(lg) if LG_SAMPLE_RANGE.contains(&lg) => Ok(lg),
                 _ => Err(bad_request(format_args!(
-                    "lg_sample must be a whole number from {} to {} (samples every 2^N bytes; \
-                     19 is 512 KiB), got {value:?}",
+                    "lg_sample must be a whole number from {} to {}, without a sign (samples \
+                     every 2^N bytes; 19 is 512 KiB), got {value:?}",
                     LG_SAMPLE_RANGE.start(),
                     LG_SAMPLE_RANGE.end()
                 ))),
@@ -151,12 +161,13 @@ fn bad_request(reason: impl std::fmt::Display) -> Answer {
     response::text(StatusCode::BAD_REQUEST, reason)
 }
 
-/// `90s`, `15m`, `2h`: a whole number and a unit, from 1 s to [`MAX_ACTIVE_FOR`].
+/// `90s`, `15m`, `2h`: a whole number (digits, no sign) and a unit, from 1 s to
+/// [`MAX_ACTIVE_FOR`].
 fn parse_for(value: &str) -> Result<Duration, Answer> {
     let refuse = || {
         bad_request(format_args!(
-            "for must be a whole number of seconds, minutes or hours from 1s to 24h \
-             (90s, 15m, 2h), got {value:?}"
+            "for must be a whole number of seconds, minutes or hours from 1s to 24h, without \
+             a sign (90s, 15m, 2h), got {value:?}"
         ))
     };
     let split = value.len().saturating_sub(1);
@@ -167,9 +178,7 @@ fn parse_for(value: &str) -> Result<Duration, Answer> {
         "h" => 3600,
         _ => return Err(refuse()),
     };
-    let seconds = number
-        .parse::<u64>()
-        .ok()
+    let seconds = query::whole_number::<u64>(number)
         .and_then(|n| n.checked_mul(scale))
         .filter(|&s| s >= 1)
         .ok_or_else(refuse)?;
@@ -189,7 +198,9 @@ mod tests {
         assert_eq!(parse_for("90s").ok(), Some(Duration::from_secs(90)));
         assert_eq!(parse_for("15m").ok(), Some(Duration::from_secs(900)));
         assert_eq!(parse_for("24h").ok(), Some(MAX_ACTIVE_FOR));
-        for bad in ["", "s", "0s", "25h", "1d", "-1s", "1.5m", "10", "1 s", "é"] {
+        for bad in [
+            "", "s", "0s", "25h", "1d", "-1s", "+2s", "+1h", "1.5m", "10", "1 s", "é", "%32s",
+        ] {
             let answer = parse_for(bad).unwrap_err();
             assert_eq!(answer.status(), StatusCode::BAD_REQUEST, "{bad:?}");
         }

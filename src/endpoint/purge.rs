@@ -6,12 +6,13 @@
 //! a queue), and after a purge the endpoint refuses others for a cooldown (429 with
 //! `Retry-After`). `?mode=decay` asks for the gentler `arena.<all>.decay`.
 //!
-//! Order of checks after admission: mode (400), jemalloc availability (501/503), a purge
-//! already running (409), the cooldown (429); then the purge runs.
+//! Order of checks after admission: parameters (an unknown or repeated name, a bad mode: 400),
+//! jemalloc availability (501/503), a purge already running (409), the cooldown (429); then
+//! the purge runs.
 
 use super::handler::{Context, Handler};
 use super::job::{Job, Runner};
-use super::query;
+use super::query::Query;
 use super::response::{self, Answer};
 use crate::jemalloc::purge::PurgeGuard;
 use crate::jemalloc::{JemallocError, PurgeMode, PurgeReport};
@@ -46,9 +47,10 @@ impl Handler for Purge {
         }
     }
 
-    /// The first `mode=` parameter, matched exactly; `purge` without one.
-    fn params(&self, parts: &Parts) -> Result<PurgeMode, Answer> {
-        let Some(value) = query::param(parts.uri.query(), "mode") else {
+    /// The `mode=` parameter, matched exactly (given twice, the pipeline refused it); `purge`
+    /// without one.
+    fn params(&self, _: &Parts, query: Query<'_>) -> Result<PurgeMode, Answer> {
+        let Some(value) = query.get("mode") else {
             return Ok(PurgeMode::Purge);
         };
         value.parse().map_err(|_| {
@@ -211,20 +213,38 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        purge.params(&parts).map_err(|answer| {
-            assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
-            format!("{:?}", answer.into_body())
-        })
+        let checked = Query::check(parts.uri.query(), Purge::PARAMS, "/debug/jemalloc/purge");
+        checked
+            .and_then(|q| purge.params(&parts, q))
+            .map_err(|answer| {
+                assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+                format!("{:?}", answer.into_body())
+            })
     }
 
     #[test]
     fn mode_comes_from_the_query() {
         assert_eq!(mode(""), Ok(PurgeMode::Purge));
-        assert_eq!(mode("x=1&y"), Ok(PurgeMode::Purge));
+        assert_eq!(mode("&"), Ok(PurgeMode::Purge));
         assert_eq!(mode("mode=purge"), Ok(PurgeMode::Purge));
-        assert_eq!(mode("a=b&mode=decay"), Ok(PurgeMode::Decay));
-        assert_eq!(mode("mode=decay&mode=nope"), Ok(PurgeMode::Decay));
-        for bad in ["mode=", "mode", "mode=Purge", "mode=purge%20", "mode=all"] {
+        assert_eq!(mode("mode=decay"), Ok(PurgeMode::Decay));
+        for bad in ["mode=decay&mode=purge", "mode=decay&mode=decay"] {
+            assert!(mode(bad).unwrap_err().contains("is given twice"), "{bad}");
+        }
+        for bad in ["x=1", "mode=decay&y"] {
+            assert!(
+                mode(bad).unwrap_err().contains("unknown parameter"),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "mode=",
+            "mode",
+            "mode=Purge",
+            "mode=purge%20",
+            "mode=all",
+            "mode=%64ecay",
+        ] {
             let reason = mode(bad).unwrap_err();
             assert!(
                 reason.contains("mode=purge") && reason.contains("mode=decay"),

@@ -20,11 +20,12 @@
 //! 429 with `Retry-After`. Serving dumps of a few MiB by the thousand would take the CPU and
 //! bandwidth of the application and of `/metrics`.
 //!
-//! Order of checks after admission: format (400), jemalloc availability (501/503), rate (429).
+//! Order of checks after admission: parameters (an unknown or repeated name, a bad format:
+//! 400), jemalloc availability (501/503), rate (429).
 
 use super::handler::{Context, Handler};
 use super::job::{Flight, Job, Runner};
-use super::query;
+use super::query::Query;
 use super::rate::Rate;
 use super::response::{self, Answer};
 use crate::jemalloc::ctl::{Ctl, PrintOptions};
@@ -126,8 +127,8 @@ impl Handler for Stats {
         }
     }
 
-    fn params(&self, parts: &Parts) -> Result<Request, Answer> {
-        let format = match query::param(parts.uri.query(), "format") {
+    fn params(&self, parts: &Parts, query: Query<'_>) -> Result<Request, Answer> {
+        let format = match query.get("format") {
             None | Some("json") => Format::Json,
             Some("text") => Format::Text,
             Some(other) => {

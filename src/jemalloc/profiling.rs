@@ -32,7 +32,8 @@ pub(crate) const HOW_TO_START: &str = "start the process with the environment va
 ///
 /// `available` is whether jemalloc was started with its profiler (`prof:true`); without it
 /// the other figures are left out and `how_to_enable` says what to do. `switches_off_in_seconds`
-/// is there while a switch-on with `for=` runs.
+/// is there while a switch-on with `for=` runs, also after a later `active=true` without
+/// `for=`, which keeps that deadline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ProfilingStatus {
@@ -195,8 +196,12 @@ mod imp {
         }
     }
 
-    /// Switches sampling on or off; on `for_` a duration, it switches itself off after it.
-    /// Returns the state before and after.
+    /// Switches sampling on or off; with `for_`, it switches itself off after that long.
+    ///
+    /// The deadline of an earlier `for_`: replaced by a new `for_`, cleared by a switch-off,
+    /// and kept by a switch-on without `for_` while profiling is still on (a second
+    /// `active=true` must not quietly undo the first one's promise to switch off). Returns the
+    /// state before and after; `after` shows a deadline still to come.
     pub(crate) fn set_active(
         active: bool,
         for_: Option<Duration>,
@@ -210,7 +215,12 @@ mod imp {
         let mut expiry = EXPIRY.lock();
         let before = read_status(ctl, *expiry)?;
         ctl.set_prof_active(active)?;
-        *expiry = for_.map(|d| Instant::now() + d.min(MAX_ACTIVE_FOR));
+        *expiry = match for_ {
+            Some(d) => Some(Instant::now() + d.min(MAX_ACTIVE_FOR)),
+            // A switch-on that names no deadline keeps the one of the switch-on still running.
+            None if active && before.active => *expiry,
+            None => None,
+        };
         EXPIRY.wake.notify_all();
         let after = read_status(ctl, *expiry)?;
         Ok((before, after))
