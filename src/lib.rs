@@ -229,11 +229,12 @@ pub use prometheus;
 #[cfg_attr(docsrs, doc(cfg(all(feature = "jemalloc", not(target_env = "msvc")))))]
 pub mod allocator;
 
-#[cfg(all(jemalloc, feature = "__fault-injection"))]
+#[cfg(all(jemalloc, fault_injection))]
 #[doc(hidden)]
 pub mod __private {
-    //! Test seams for this crate's own integration tests (feature `__fault-injection`, enabled
-    //! only by the crate's dev-dependency on itself). Not part of the public API.
+    //! Test seams for this crate's own integration tests (`cfg(fault_injection)`, which
+    //! build.rs sets only for cargo commands run inside this repository). Not part of the
+    //! public API: no build of a crate that depends on this one has it.
     pub use crate::jemalloc::fault::{clear as clear_faults, fail_key};
 }
 

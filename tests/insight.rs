@@ -251,6 +251,7 @@ async fn purge_modes_and_the_os_view() {
     );
 }
 
+#[cfg(fault_injection)]
 #[tokio::test]
 async fn purge_telemetry_reaches_metrics() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -362,3 +363,10 @@ async fn cheap_gauges() {
     tikv_jemalloc_ctl::background_thread::write(false).unwrap();
     assert_eq!(running.value("jemalloc_background_threads"), Some(1.0));
 }
+
+/// Stands in for the tests above that make mallctl calls fail: they need the fault-injection
+/// seam, compiled in only when cargo runs inside this repository (its `.cargo/config.toml`).
+#[cfg(not(fault_injection))]
+#[test]
+#[ignore = "needs cfg(fault_injection): run cargo from the repository"]
+fn fault_injection_tests_need_cargo_run_from_the_repository() {}

@@ -13,7 +13,7 @@
 pub(crate) mod ctl;
 pub(crate) mod dump;
 mod error;
-#[cfg(all(jemalloc, feature = "__fault-injection"))]
+#[cfg(all(jemalloc, fault_injection))]
 pub(crate) mod fault;
 pub(crate) mod figures;
 mod process_slot;
