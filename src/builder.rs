@@ -3,9 +3,11 @@
 //!
 //! Every endpoint is configured the same way, through [`path`](JemallocLayerBuilder::path),
 //! [`without`](JemallocLayerBuilder::without),
-//! [`bearer_token`](JemallocLayerBuilder::bearer_token) and
-//! [`authorize`](JemallocLayerBuilder::authorize) with an [`Endpoint`]; the per-endpoint
-//! methods (`purge_path`, `metrics_bearer_token`, …) are shorthands for them.
+//! [`bearer_token`](JemallocLayerBuilder::bearer_token),
+//! [`authorize`](JemallocLayerBuilder::authorize) and
+//! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous) with an [`Endpoint`]. There are
+//! no per-endpoint shorthands (`purge_path`, …): one method per setting covers every
+//! endpoint, including ones added later.
 
 use crate::endpoint::{
     validate_token, Access, Context, Endpoint, Predicate, Route, Routes, Settings,
@@ -186,6 +188,9 @@ impl JemallocLayerBuilder {
     /// 401 with `WWW-Authenticate: Bearer`. The comparison takes the same time wherever the
     /// presented token differs, so it cannot be guessed byte by byte. For `/metrics`, set the
     /// same token in Prometheus's scrape config (`authorization: {credentials: …}`).
+    ///
+    /// Stats, config, heap and profiling follow purge's rules (token, predicate, anonymous,
+    /// or closed) until they are given a rule of their own.
     pub fn bearer_token(mut self, endpoint: Endpoint, token: impl Into<String>) -> Self {
         self.endpoint(endpoint).token = Some(token.into());
         self
@@ -232,83 +237,6 @@ impl JemallocLayerBuilder {
     pub fn allow_anonymous(mut self, endpoint: Endpoint) -> Self {
         self.endpoint(endpoint).anonymous = true;
         self
-    }
-
-    /// Serves the Prometheus text exposition on `path` instead of `/metrics`:
-    /// [`path`](Self::path)`(Endpoint::Metrics, path)`.
-    pub fn metrics_path(self, path: impl Into<String>) -> Self {
-        self.path(Endpoint::Metrics, path)
-    }
-
-    /// [`without`](Self::without)`(Endpoint::Metrics)`.
-    pub fn without_metrics(self) -> Self {
-        self.without(Endpoint::Metrics)
-    }
-
-    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Metrics, token)`. Open by default.
-    pub fn metrics_bearer_token(self, token: impl Into<String>) -> Self {
-        self.bearer_token(Endpoint::Metrics, token)
-    }
-
-    /// [`authorize`](Self::authorize)`(Endpoint::Metrics, allow)`.
-    pub fn metrics_authorize<F>(self, allow: F) -> Self
-    where
-        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
-    {
-        self.authorize(Endpoint::Metrics, allow)
-    }
-
-    /// Serves the purge endpoint on `path` instead of `/debug/jemalloc/purge`:
-    /// [`path`](Self::path)`(Endpoint::Purge, path)`.
-    pub fn purge_path(self, path: impl Into<String>) -> Self {
-        self.path(Endpoint::Purge, path)
-    }
-
-    /// [`without`](Self::without)`(Endpoint::Purge)`.
-    pub fn without_purge(self) -> Self {
-        self.without(Endpoint::Purge)
-    }
-
-    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Purge, token)`.
-    pub fn purge_bearer_token(self, token: impl Into<String>) -> Self {
-        self.bearer_token(Endpoint::Purge, token)
-    }
-
-    /// [`authorize`](Self::authorize)`(Endpoint::Purge, allow)`.
-    pub fn purge_authorize<F>(self, allow: F) -> Self
-    where
-        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
-    {
-        self.authorize(Endpoint::Purge, allow)
-    }
-
-    /// Serves jemalloc's statistics dump on `path` instead of `/debug/jemalloc/stats`:
-    /// [`path`](Self::path)`(Endpoint::Stats, path)`.
-    pub fn stats_path(self, path: impl Into<String>) -> Self {
-        self.path(Endpoint::Stats, path)
-    }
-
-    /// [`without`](Self::without)`(Endpoint::Stats)`.
-    pub fn without_stats(self) -> Self {
-        self.without(Endpoint::Stats)
-    }
-
-    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Stats, token)`.
-    ///
-    /// Unless a stats token, predicate or anonymous opt-in is set, the stats endpoint is
-    /// guarded exactly like the purge endpoint (both are debug endpoints that operators, not
-    /// the public, use), closed included.
-    pub fn stats_bearer_token(self, token: impl Into<String>) -> Self {
-        self.bearer_token(Endpoint::Stats, token)
-    }
-
-    /// [`authorize`](Self::authorize)`(Endpoint::Stats, allow)`; see
-    /// [`stats_bearer_token`](Self::stats_bearer_token) for the rules it replaces.
-    pub fn stats_authorize<F>(self, allow: F) -> Self
-    where
-        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
-    {
-        self.authorize(Endpoint::Stats, allow)
     }
 
     /// The minimum time from the end of one purge to the start of the next (default 1 s);
@@ -571,8 +499,11 @@ pub enum BuildError {
         reason: &'static str,
     },
     /// [`max_concurrent_scrapes`](JemallocLayerBuilder::max_concurrent_scrapes) is zero, which
-    /// would refuse every scrape; use [`without_metrics`](JemallocLayerBuilder::without_metrics).
-    #[error("max_concurrent_scrapes is 0, which refuses every scrape; use without_metrics()")]
+    /// would refuse every scrape; switch the endpoint off with
+    /// [`without`](JemallocLayerBuilder::without)`(Endpoint::Metrics)` instead.
+    #[error(
+        "max_concurrent_scrapes is 0, which refuses every scrape; use without(Endpoint::Metrics)"
+    )]
     ZeroScrapeLimit,
 }
 
@@ -586,16 +517,20 @@ mod tests {
 
     #[test]
     fn rejects_bad_configuration() {
-        let err = refused(JemallocLayer::builder().metrics_path("metrics"));
+        let err = refused(JemallocLayer::builder().path(Endpoint::Metrics, "metrics"));
         assert!(matches!(err, BuildError::InvalidPath { .. }), "{err:?}");
-        let err = refused(JemallocLayer::builder().purge_path("/a?b"));
+        let err = refused(JemallocLayer::builder().path(Endpoint::Purge, "/a?b"));
         assert!(matches!(err, BuildError::InvalidPath { .. }), "{err:?}");
-        let err = refused(JemallocLayer::builder().metrics_path("/x").purge_path("/x"));
+        let err = refused(
+            JemallocLayer::builder()
+                .path(Endpoint::Metrics, "/x")
+                .path(Endpoint::Purge, "/x"),
+        );
         assert!(
             matches!(err, BuildError::SamePath(ref p) if p == "/x"),
             "{err:?}"
         );
-        let err = refused(JemallocLayer::builder().stats_path("/debug/jemalloc/purge"));
+        let err = refused(JemallocLayer::builder().path(Endpoint::Stats, "/debug/jemalloc/purge"));
         assert!(
             matches!(err, BuildError::SamePath(ref p) if p == "/debug/jemalloc/purge"),
             "{err:?}"
@@ -622,7 +557,7 @@ mod tests {
             "{err:?}"
         );
 
-        let err = refused(JemallocLayer::builder().purge_bearer_token("a b"));
+        let err = refused(JemallocLayer::builder().bearer_token(Endpoint::Purge, "a b"));
         assert!(
             matches!(
                 err,
@@ -637,7 +572,7 @@ mod tests {
             err.to_string(),
             "invalid purge bearer token: may only contain A-Z a-z 0-9 - . _ ~ + / ="
         );
-        let err = refused(JemallocLayer::builder().metrics_bearer_token(""));
+        let err = refused(JemallocLayer::builder().bearer_token(Endpoint::Metrics, ""));
         assert!(
             matches!(
                 err,
@@ -655,8 +590,8 @@ mod tests {
     #[test]
     fn debug_never_prints_tokens() {
         let builder = JemallocLayer::builder()
-            .purge_bearer_token("hunter2")
-            .metrics_bearer_token("swordfish");
+            .bearer_token(Endpoint::Purge, "hunter2")
+            .bearer_token(Endpoint::Metrics, "swordfish");
         let printed = format!("{builder:?}");
         assert!(!printed.contains("hunter2") && !printed.contains("swordfish"));
         let layer = builder.build().unwrap();
@@ -666,13 +601,11 @@ mod tests {
 
     #[test]
     fn every_endpoint_can_be_moved_or_switched_off() {
-        let layer = JemallocLayer::builder()
-            .without_metrics()
-            .without_purge()
-            .without_stats()
-            .without(Endpoint::Config)
-            .without(Endpoint::Heap)
-            .without(Endpoint::Profiling)
+        let layer = Endpoint::ALL
+            .iter()
+            .fold(JemallocLayer::builder(), |builder, &endpoint| {
+                builder.without(endpoint)
+            })
             .build()
             .unwrap();
         for &endpoint in Endpoint::ALL {
@@ -695,7 +628,7 @@ mod tests {
             }
             request.body(()).unwrap().into_parts().0
         };
-        let builder = JemallocLayer::builder().purge_bearer_token("p");
+        let builder = JemallocLayer::builder().bearer_token(Endpoint::Purge, "p");
         let inherited = access(Endpoint::Stats, builder.config(Endpoint::Purge)).unwrap();
         assert!(inherited.refusal(&parts(None)).is_some());
         assert!(inherited.refusal(&parts(Some("Bearer p"))).is_none());

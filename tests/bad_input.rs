@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use tower::Layer;
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -120,7 +120,7 @@ fn generated_requests_get_their_documented_answers() {
         .build()
         .unwrap();
     let layer = JemallocLayer::builder()
-        .purge_bearer_token(TOKEN)
+        .bearer_token(Endpoint::Purge, TOKEN)
         .build()
         .unwrap();
     let (echo, seen) = recording_echo();

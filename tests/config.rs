@@ -44,7 +44,7 @@ async fn closed_until_an_access_rule_then_following_purges() {
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
     assert!(answer.text().contains("allow_anonymous(Endpoint::Config)"));
 
-    let mut token = service(JemallocLayer::builder().purge_bearer_token("s3cret"));
+    let mut token = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
     let answer = send(&mut token, request("GET", CONFIG)).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
     let mut authorized = request("GET", CONFIG);

@@ -58,7 +58,7 @@ async fn debug_endpoints_are_closed_by_default_and_metrics_open() {
 
 #[tokio::test]
 async fn a_token_or_the_anonymous_opt_in_opens_them() {
-    let mut guarded = service(JemallocLayer::builder().purge_bearer_token("s3cret"));
+    let mut guarded = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
     for path in ["/debug/jemalloc/stats?format=text"] {
         let answer = send(&mut guarded, request("GET", path)).await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
@@ -82,7 +82,7 @@ async fn a_token_or_the_anonymous_opt_in_opens_them() {
 
 #[tokio::test]
 async fn two_authorization_headers_run_nothing() {
-    let mut service = service(JemallocLayer::builder().purge_bearer_token("s3cret"));
+    let mut service = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
     for pair in [
         ["Bearer wrong", "Bearer s3cret"],
         ["Bearer s3cret", "Bearer wrong"],

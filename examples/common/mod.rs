@@ -39,7 +39,7 @@ impl Args {
             builder = builder.namespace(namespace);
         }
         match &self.purge_token {
-            Some(token) => builder = builder.purge_bearer_token(token),
+            Some(token) => builder = builder.bearer_token(Endpoint::Purge, token),
             None if self.addr.ip().is_loopback() => {
                 builder = builder.allow_anonymous(Endpoint::Purge);
             }

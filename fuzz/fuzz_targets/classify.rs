@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 use tower::{Layer, Service, ServiceExt};
-use tower_jemalloc::{JemallocLayer, JemallocService};
+use tower_jemalloc::{Endpoint, JemallocLayer, JemallocService};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -70,7 +70,7 @@ fn service() -> &'static (JemallocService<Inner>, Seen) {
             }
         });
         let layer = JemallocLayer::builder()
-            .purge_bearer_token(TOKEN)
+            .bearer_token(Endpoint::Purge, TOKEN)
             .build()
             .unwrap();
         (layer.layer(Inner::new(echo)), seen)
