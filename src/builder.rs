@@ -13,6 +13,7 @@ use crate::endpoint::{
     validate_token, Access, Context, Endpoint, Predicate, Route, Routes, Settings,
 };
 use crate::layer::JemallocLayer;
+use crate::telemetry::instruments::{register_instruments_with, InstrumentOptions};
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
@@ -384,7 +385,8 @@ impl JemallocLayerBuilder {
             }
         };
         // Without jemalloc the gauges are left out; `ctl` has logged why, once.
-        let _ = crate::telemetry::instruments::register(&meter, self.settings.per_arena_metrics);
+        let options = InstrumentOptions::new().per_arena(self.settings.per_arena_metrics);
+        let _ = register_instruments_with(&meter, options);
 
         let zero_histograms: Vec<_> = paths
             .iter()

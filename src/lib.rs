@@ -27,7 +27,8 @@
 //! Beside jemalloc's gauges, `/metrics` has the process's RSS and virtual memory
 //! (`process_memory_usage_bytes`, `process_memory_virtual_bytes`) and, inside a cgroup v2, its
 //! usage and limit, all from the same snapshot; per-arena gauges are opt-in
-//! ([`per_arena_metrics`](JemallocLayerBuilder::per_arena_metrics)).
+//! ([`per_arena_metrics`](JemallocLayerBuilder::per_arena_metrics), or
+//! [`register_instruments_with`] on a meter of your own).
 //!
 //! `/metrics` is open; the debug endpoints (purge, stats, config, heap, profiling) answer 403
 //! until they have an access rule: a bearer token, a predicate, or an explicit
@@ -215,7 +216,9 @@ pub use jemalloc::{
 pub use layer::JemallocLayer;
 pub use service::JemallocService;
 pub use system::ProcessMemory;
-pub use telemetry::instruments::register_instruments;
+pub use telemetry::instruments::{
+    register_instruments, register_instruments_with, InstrumentOptions,
+};
 
 // The crates whose types appear in this crate's API, so that a user needs no matching
 // versions of their own: `tower_jemalloc::opentelemetry::metrics::MeterProvider`, ….
