@@ -68,6 +68,11 @@ impl EndpointConfig {
     fn has_rules(&self) -> bool {
         self.token.is_some() || self.predicate.is_some() || self.anonymous
     }
+
+    /// Open to anyone by explicit opt-in: no token or predicate to pass.
+    fn is_anonymous(&self) -> bool {
+        self.anonymous && self.token.is_none() && self.predicate.is_none()
+    }
 }
 
 impl fmt::Debug for EndpointConfig {
@@ -204,6 +209,11 @@ impl JemallocLayerBuilder {
     /// layer inserted). It is checked after the bearer token, if both are set. It must not
     /// block.
     ///
+    /// A predicate that admits by peer address (loopback, a private network) trusts a browser
+    /// on an admitted machine as anonymous access does, but without the `Host` check
+    /// [`allow_anonymous`](Self::allow_anonymous) adds against DNS rebinding: check `Host` in
+    /// it too, or use a token. Cross-origin writes are refused whatever the rule.
+    ///
     /// ```
     /// use std::net::SocketAddr;
     /// use axum::extract::ConnectInfo;
@@ -235,6 +245,15 @@ impl JemallocLayerBuilder {
     /// a predicate ([`authorize`](Self::authorize)), or this explicit opt-in. Use it where
     /// the listener is reachable only by operators (a loopback address, an admin port); the
     /// example server calls it only when it listens on a loopback address.
+    ///
+    /// A browser on such a machine reaches the listener too, on behalf of any website it
+    /// shows. So an anonymous debug endpoint answers only requests addressed to an IP literal
+    /// or `localhost` (`Host: 127.0.0.1:9070`, `Host: localhost`; any other host name gets a
+    /// 403, which stops DNS rebinding), and no debug endpoint takes a state-changing request
+    /// that a browser marks as sent from another site (`Sec-Fetch-Site`, `Origin`). curl,
+    /// scripts and Prometheus, which send neither header and address the listener by IP or
+    /// `localhost`, are not affected. `/metrics` gets no `Host` check: it is read-only and
+    /// Prometheus may scrape it by name.
     pub fn allow_anonymous(mut self, endpoint: Endpoint) -> Self {
         self.endpoint(endpoint).anonymous = true;
         self
@@ -349,7 +368,7 @@ impl JemallocLayerBuilder {
                 Some(from) if !config.has_rules() => self.config(from),
                 _ => config,
             };
-            let access = if rules.has_rules() || endpoint.open_by_default() {
+            let mut access = if rules.has_rules() || endpoint.open_by_default() {
                 access(*endpoint, rules)?
             } else {
                 Access::closed(format!(
@@ -358,6 +377,13 @@ impl JemallocLayerBuilder {
                      authorize(Endpoint::{endpoint:?}, ..) or allow_anonymous(Endpoint::{endpoint:?})"
                 ))
             };
+            // No website may make a browser change anything (only the debug endpoints take
+            // state-changing methods), and anonymous debug endpoints answer only requests
+            // addressed to an IP or localhost: see `endpoint::access`.
+            access.refuse_cross_origin_writes();
+            if !endpoint.open_by_default() && rules.is_anonymous() {
+                access.require_local_host();
+            }
             paths.push((*endpoint, path, access));
         }
         if let Some(namespace) = &self.namespace {

@@ -1,8 +1,10 @@
 //! The endpoints the layer answers itself, and the one pipeline every intercepted request
 //! goes through:
 //!
-//! 1. **admit**: the method (405 with `Allow`), then access (401 with
-//!    `WWW-Authenticate: Bearer`, or 403), whoever the endpoint is;
+//! 1. **admit**: the method (405 with `Allow`), then access, whoever the endpoint is: a
+//!    cross-origin write from a browser or, for anonymous access, a `Host` that is not an IP
+//!    or `localhost` (403), then the rule itself (401 with `WWW-Authenticate: Bearer`, or
+//!    403), see [`access`];
 //! 2. **parameters**: from the query string and headers (400 with a reason naming what is
 //!    allowed), [`Handler::params`];
 //! 3. **availability and start**: jemalloc usable (501/503), a slot free (409, 429 or 503 with
