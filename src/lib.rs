@@ -34,7 +34,11 @@
 //! until they have an access rule: a bearer token, a predicate, or an explicit
 //! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
 //! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
-//! stats and scrape bounds; see the README's Security section. Every other request goes to the inner service untouched. JSON answers are serde
+//! stats and scrape bounds; see the README's Security section. No website can drive the
+//! debug endpoints through a browser: a cross-origin write is refused whatever the rule, and
+//! anonymous access answers only requests addressed to an IP or `localhost` (against DNS
+//! rebinding).
+//! Every other request goes to the inner service untouched. JSON answers are serde
 //! types ([`PurgeReport`], [`JemallocStats`], [`StatsSummary`]) that a Rust client can read
 //! back, and the crates whose types appear in the API are re-exported ([`opentelemetry`],
 //! [`opentelemetry_sdk`], [`opentelemetry_prometheus`], [`prometheus`]), so that a user needs
