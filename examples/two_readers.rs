@@ -21,7 +21,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use std::fmt::Display;
 use std::time::Duration;
 use tower::Layer;
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[path = "common/mod.rs"]
 mod common;
@@ -134,7 +134,7 @@ async fn main() {
     // The layer registers the jemalloc gauges on this meter: once, for both readers.
     let mut builder = JemallocLayer::builder().registry(registry, provider.meter("tower-jemalloc"));
     if let Some(token) = &args.purge_token {
-        builder = builder.purge_bearer_token(token);
+        builder = builder.bearer_token(Endpoint::Purge, token);
     }
     let layer = builder.build().unwrap_or_else(|e| common::fail(2, e));
     let requests = provider

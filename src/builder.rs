@@ -3,14 +3,17 @@
 //!
 //! Every endpoint is configured the same way, through [`path`](JemallocLayerBuilder::path),
 //! [`without`](JemallocLayerBuilder::without),
-//! [`bearer_token`](JemallocLayerBuilder::bearer_token) and
-//! [`authorize`](JemallocLayerBuilder::authorize) with an [`Endpoint`]; the per-endpoint
-//! methods (`purge_path`, `metrics_bearer_token`, …) are shorthands for them.
+//! [`bearer_token`](JemallocLayerBuilder::bearer_token),
+//! [`authorize`](JemallocLayerBuilder::authorize) and
+//! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous) with an [`Endpoint`]. There are
+//! no per-endpoint shorthands (`purge_path`, …): one method per setting covers every
+//! endpoint, including ones added later.
 
 use crate::endpoint::{
     validate_token, Access, Context, Endpoint, Predicate, Route, Routes, Settings,
 };
 use crate::layer::JemallocLayer;
+use crate::telemetry::instruments::{register_instruments_with, InstrumentOptions};
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
@@ -64,6 +67,11 @@ struct EndpointConfig {
 impl EndpointConfig {
     fn has_rules(&self) -> bool {
         self.token.is_some() || self.predicate.is_some() || self.anonymous
+    }
+
+    /// Open to anyone by explicit opt-in: no token or predicate to pass.
+    fn is_anonymous(&self) -> bool {
+        self.anonymous && self.token.is_none() && self.predicate.is_none()
     }
 }
 
@@ -186,6 +194,9 @@ impl JemallocLayerBuilder {
     /// 401 with `WWW-Authenticate: Bearer`. The comparison takes the same time wherever the
     /// presented token differs, so it cannot be guessed byte by byte. For `/metrics`, set the
     /// same token in Prometheus's scrape config (`authorization: {credentials: …}`).
+    ///
+    /// Stats, config, heap and profiling follow purge's rules (token, predicate, anonymous,
+    /// or closed) until they are given a rule of their own.
     pub fn bearer_token(mut self, endpoint: Endpoint, token: impl Into<String>) -> Self {
         self.endpoint(endpoint).token = Some(token.into());
         self
@@ -197,6 +208,11 @@ impl JemallocLayerBuilder {
     /// `into_make_service_with_connect_info::<SocketAddr>()`, or an mTLS identity your TLS
     /// layer inserted). It is checked after the bearer token, if both are set. It must not
     /// block.
+    ///
+    /// A predicate that admits by peer address (loopback, a private network) trusts a browser
+    /// on an admitted machine as anonymous access does, but without the `Host` check
+    /// [`allow_anonymous`](Self::allow_anonymous) adds against DNS rebinding: check `Host` in
+    /// it too, or use a token. Cross-origin writes are refused whatever the rule.
     ///
     /// ```
     /// use std::net::SocketAddr;
@@ -229,86 +245,18 @@ impl JemallocLayerBuilder {
     /// a predicate ([`authorize`](Self::authorize)), or this explicit opt-in. Use it where
     /// the listener is reachable only by operators (a loopback address, an admin port); the
     /// example server calls it only when it listens on a loopback address.
+    ///
+    /// A browser on such a machine reaches the listener too, on behalf of any website it
+    /// shows. So an anonymous debug endpoint answers only requests addressed to an IP literal
+    /// or `localhost` (`Host: 127.0.0.1:9070`, `Host: localhost`; any other host name gets a
+    /// 403, which stops DNS rebinding), and no debug endpoint takes a state-changing request
+    /// that a browser marks as sent from another site (`Sec-Fetch-Site`, `Origin`). curl,
+    /// scripts and Prometheus, which send neither header and address the listener by IP or
+    /// `localhost`, are not affected. `/metrics` gets no `Host` check: it is read-only and
+    /// Prometheus may scrape it by name.
     pub fn allow_anonymous(mut self, endpoint: Endpoint) -> Self {
         self.endpoint(endpoint).anonymous = true;
         self
-    }
-
-    /// Serves the Prometheus text exposition on `path` instead of `/metrics`:
-    /// [`path`](Self::path)`(Endpoint::Metrics, path)`.
-    pub fn metrics_path(self, path: impl Into<String>) -> Self {
-        self.path(Endpoint::Metrics, path)
-    }
-
-    /// [`without`](Self::without)`(Endpoint::Metrics)`.
-    pub fn without_metrics(self) -> Self {
-        self.without(Endpoint::Metrics)
-    }
-
-    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Metrics, token)`. Open by default.
-    pub fn metrics_bearer_token(self, token: impl Into<String>) -> Self {
-        self.bearer_token(Endpoint::Metrics, token)
-    }
-
-    /// [`authorize`](Self::authorize)`(Endpoint::Metrics, allow)`.
-    pub fn metrics_authorize<F>(self, allow: F) -> Self
-    where
-        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
-    {
-        self.authorize(Endpoint::Metrics, allow)
-    }
-
-    /// Serves the purge endpoint on `path` instead of `/debug/jemalloc/purge`:
-    /// [`path`](Self::path)`(Endpoint::Purge, path)`.
-    pub fn purge_path(self, path: impl Into<String>) -> Self {
-        self.path(Endpoint::Purge, path)
-    }
-
-    /// [`without`](Self::without)`(Endpoint::Purge)`.
-    pub fn without_purge(self) -> Self {
-        self.without(Endpoint::Purge)
-    }
-
-    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Purge, token)`.
-    pub fn purge_bearer_token(self, token: impl Into<String>) -> Self {
-        self.bearer_token(Endpoint::Purge, token)
-    }
-
-    /// [`authorize`](Self::authorize)`(Endpoint::Purge, allow)`.
-    pub fn purge_authorize<F>(self, allow: F) -> Self
-    where
-        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
-    {
-        self.authorize(Endpoint::Purge, allow)
-    }
-
-    /// Serves jemalloc's statistics dump on `path` instead of `/debug/jemalloc/stats`:
-    /// [`path`](Self::path)`(Endpoint::Stats, path)`.
-    pub fn stats_path(self, path: impl Into<String>) -> Self {
-        self.path(Endpoint::Stats, path)
-    }
-
-    /// [`without`](Self::without)`(Endpoint::Stats)`.
-    pub fn without_stats(self) -> Self {
-        self.without(Endpoint::Stats)
-    }
-
-    /// [`bearer_token`](Self::bearer_token)`(Endpoint::Stats, token)`.
-    ///
-    /// Unless a stats token, predicate or anonymous opt-in is set, the stats endpoint is
-    /// guarded exactly like the purge endpoint (both are debug endpoints that operators, not
-    /// the public, use), closed included.
-    pub fn stats_bearer_token(self, token: impl Into<String>) -> Self {
-        self.bearer_token(Endpoint::Stats, token)
-    }
-
-    /// [`authorize`](Self::authorize)`(Endpoint::Stats, allow)`; see
-    /// [`stats_bearer_token`](Self::stats_bearer_token) for the rules it replaces.
-    pub fn stats_authorize<F>(self, allow: F) -> Self
-    where
-        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
-    {
-        self.authorize(Endpoint::Stats, allow)
     }
 
     /// The minimum time from the end of one purge to the start of the next (default 1 s);
@@ -420,7 +368,7 @@ impl JemallocLayerBuilder {
                 Some(from) if !config.has_rules() => self.config(from),
                 _ => config,
             };
-            let access = if rules.has_rules() || endpoint.open_by_default() {
+            let mut access = if rules.has_rules() || endpoint.open_by_default() {
                 access(*endpoint, rules)?
             } else {
                 Access::closed(format!(
@@ -429,6 +377,13 @@ impl JemallocLayerBuilder {
                      authorize(Endpoint::{endpoint:?}, ..) or allow_anonymous(Endpoint::{endpoint:?})"
                 ))
             };
+            // No website may make a browser change anything (only the debug endpoints take
+            // state-changing methods), and anonymous debug endpoints answer only requests
+            // addressed to an IP or localhost: see `endpoint::access`.
+            access.refuse_cross_origin_writes();
+            if !endpoint.open_by_default() && rules.is_anonymous() {
+                access.require_local_host();
+            }
             paths.push((*endpoint, path, access));
         }
         if let Some(namespace) = &self.namespace {
@@ -456,7 +411,8 @@ impl JemallocLayerBuilder {
             }
         };
         // Without jemalloc the gauges are left out; `ctl` has logged why, once.
-        let _ = crate::telemetry::instruments::register(&meter, self.settings.per_arena_metrics);
+        let options = InstrumentOptions::new().per_arena(self.settings.per_arena_metrics);
+        let _ = register_instruments_with(&meter, options);
 
         let zero_histograms: Vec<_> = paths
             .iter()
@@ -571,8 +527,11 @@ pub enum BuildError {
         reason: &'static str,
     },
     /// [`max_concurrent_scrapes`](JemallocLayerBuilder::max_concurrent_scrapes) is zero, which
-    /// would refuse every scrape; use [`without_metrics`](JemallocLayerBuilder::without_metrics).
-    #[error("max_concurrent_scrapes is 0, which refuses every scrape; use without_metrics()")]
+    /// would refuse every scrape; switch the endpoint off with
+    /// [`without`](JemallocLayerBuilder::without)`(Endpoint::Metrics)` instead.
+    #[error(
+        "max_concurrent_scrapes is 0, which refuses every scrape; use without(Endpoint::Metrics)"
+    )]
     ZeroScrapeLimit,
 }
 
@@ -586,16 +545,20 @@ mod tests {
 
     #[test]
     fn rejects_bad_configuration() {
-        let err = refused(JemallocLayer::builder().metrics_path("metrics"));
+        let err = refused(JemallocLayer::builder().path(Endpoint::Metrics, "metrics"));
         assert!(matches!(err, BuildError::InvalidPath { .. }), "{err:?}");
-        let err = refused(JemallocLayer::builder().purge_path("/a?b"));
+        let err = refused(JemallocLayer::builder().path(Endpoint::Purge, "/a?b"));
         assert!(matches!(err, BuildError::InvalidPath { .. }), "{err:?}");
-        let err = refused(JemallocLayer::builder().metrics_path("/x").purge_path("/x"));
+        let err = refused(
+            JemallocLayer::builder()
+                .path(Endpoint::Metrics, "/x")
+                .path(Endpoint::Purge, "/x"),
+        );
         assert!(
             matches!(err, BuildError::SamePath(ref p) if p == "/x"),
             "{err:?}"
         );
-        let err = refused(JemallocLayer::builder().stats_path("/debug/jemalloc/purge"));
+        let err = refused(JemallocLayer::builder().path(Endpoint::Stats, "/debug/jemalloc/purge"));
         assert!(
             matches!(err, BuildError::SamePath(ref p) if p == "/debug/jemalloc/purge"),
             "{err:?}"
@@ -622,7 +585,7 @@ mod tests {
             "{err:?}"
         );
 
-        let err = refused(JemallocLayer::builder().purge_bearer_token("a b"));
+        let err = refused(JemallocLayer::builder().bearer_token(Endpoint::Purge, "a b"));
         assert!(
             matches!(
                 err,
@@ -637,7 +600,7 @@ mod tests {
             err.to_string(),
             "invalid purge bearer token: may only contain A-Z a-z 0-9 - . _ ~ + / ="
         );
-        let err = refused(JemallocLayer::builder().metrics_bearer_token(""));
+        let err = refused(JemallocLayer::builder().bearer_token(Endpoint::Metrics, ""));
         assert!(
             matches!(
                 err,
@@ -655,8 +618,8 @@ mod tests {
     #[test]
     fn debug_never_prints_tokens() {
         let builder = JemallocLayer::builder()
-            .purge_bearer_token("hunter2")
-            .metrics_bearer_token("swordfish");
+            .bearer_token(Endpoint::Purge, "hunter2")
+            .bearer_token(Endpoint::Metrics, "swordfish");
         let printed = format!("{builder:?}");
         assert!(!printed.contains("hunter2") && !printed.contains("swordfish"));
         let layer = builder.build().unwrap();
@@ -666,13 +629,11 @@ mod tests {
 
     #[test]
     fn every_endpoint_can_be_moved_or_switched_off() {
-        let layer = JemallocLayer::builder()
-            .without_metrics()
-            .without_purge()
-            .without_stats()
-            .without(Endpoint::Config)
-            .without(Endpoint::Heap)
-            .without(Endpoint::Profiling)
+        let layer = Endpoint::ALL
+            .iter()
+            .fold(JemallocLayer::builder(), |builder, &endpoint| {
+                builder.without(endpoint)
+            })
             .build()
             .unwrap();
         for &endpoint in Endpoint::ALL {
@@ -695,7 +656,7 @@ mod tests {
             }
             request.body(()).unwrap().into_parts().0
         };
-        let builder = JemallocLayer::builder().purge_bearer_token("p");
+        let builder = JemallocLayer::builder().bearer_token(Endpoint::Purge, "p");
         let inherited = access(Endpoint::Stats, builder.config(Endpoint::Purge)).unwrap();
         assert!(inherited.refusal(&parts(None)).is_some());
         assert!(inherited.refusal(&parts(Some("Bearer p"))).is_none());

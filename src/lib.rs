@@ -27,7 +27,8 @@
 //! Beside jemalloc's gauges, `/metrics` has the process's RSS and virtual memory
 //! (`process_memory_usage_bytes`, `process_memory_virtual_bytes`) and, inside a cgroup v2, its
 //! usage and limit, all from the same snapshot; per-arena gauges are opt-in
-//! ([`per_arena_metrics`](JemallocLayerBuilder::per_arena_metrics)).
+//! ([`per_arena_metrics`](JemallocLayerBuilder::per_arena_metrics), or
+//! [`register_instruments_with`] on a meter of your own).
 //!
 //! The layer's own paths answer whatever the service behind it is doing: `poll_ready` is ready
 //! even while the inner service applies backpressure (a `ConcurrencyLimit` at its limit, say),
@@ -39,7 +40,11 @@
 //! until they have an access rule: a bearer token, a predicate, or an explicit
 //! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
 //! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
-//! stats and scrape bounds; see the README's Security section. Every other request goes to the inner service untouched. JSON answers are serde
+//! stats and scrape bounds; see the README's Security section. No website can drive the
+//! debug endpoints through a browser: a cross-origin write is refused whatever the rule, and
+//! anonymous access answers only requests addressed to an IP or `localhost` (against DNS
+//! rebinding).
+//! Every other request goes to the inner service untouched. JSON answers are serde
 //! types ([`PurgeReport`], [`JemallocStats`], [`StatsSummary`]) that a Rust client can read
 //! back, and the crates whose types appear in the API are re-exported ([`opentelemetry`][otel],
 //! [`opentelemetry_sdk`][otel-sdk], [`opentelemetry_prometheus`][otel-prom],
@@ -227,21 +232,22 @@ mod telemetry;
 pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{
-    Endpoint, DEFAULT_CONFIG_PATH, DEFAULT_HEAP_PATH, DEFAULT_HEAP_PROFILE_MAX_BYTES,
-    DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_METRICS_PATH, DEFAULT_PROFILING_PATH,
-    DEFAULT_PURGE_COOLDOWN, DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH,
-    DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
+    Endpoint, DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_MAX_CONCURRENT_SCRAPES,
+    DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_RATE_LIMIT,
+    DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use jemalloc::{
     purge_all_arenas, ArenaDecay, BackgroundThread, ConfigUpdate, JemallocConfig, JemallocError,
-    JemallocStats, MallocConf, ProfilingChange, ProfilingStatus, PurgeError, PurgeMode,
+    JemallocStats, MallocConf, OsMemory, ProfilingChange, ProfilingStatus, PurgeError, PurgeMode,
     PurgeReport, Ratios, StatsSummary, UnknownPurgeMode, MAX_DECAY_MS,
 };
 pub use layer::JemallocLayer;
 pub use service::JemallocService;
 pub use system::ProcessMemory;
-pub use telemetry::instruments::register_instruments;
+pub use telemetry::instruments::{
+    register_instruments, register_instruments_with, InstrumentOptions,
+};
 
 // The crates whose types appear in this crate's API, so that a user needs no matching
 // versions of their own: `tower_jemalloc::opentelemetry::metrics::MeterProvider`, ….
@@ -254,11 +260,12 @@ pub use prometheus;
 #[cfg_attr(docsrs, doc(cfg(all(feature = "jemalloc", not(target_env = "msvc")))))]
 pub mod allocator;
 
-#[cfg(all(jemalloc, feature = "__fault-injection"))]
+#[cfg(all(jemalloc, fault_injection))]
 #[doc(hidden)]
 pub mod __private {
-    //! Test seams for this crate's own integration tests (feature `__fault-injection`, enabled
-    //! only by the crate's dev-dependency on itself). Not part of the public API.
+    //! Test seams for this crate's own integration tests (`cfg(fault_injection)`, which
+    //! build.rs sets only for cargo commands run inside this repository). Not part of the
+    //! public API: no build of a crate that depends on this one has it.
     pub use crate::jemalloc::fault::{clear as clear_faults, fail_key};
 }
 

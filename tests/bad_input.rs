@@ -126,7 +126,7 @@ fn generated_requests_get_their_documented_answers() {
         .build()
         .unwrap();
     let layer = JemallocLayer::builder()
-        .purge_bearer_token(TOKEN)
+        .bearer_token(Endpoint::Purge, TOKEN)
         .build()
         .unwrap();
     let (echo, seen) = recording_echo();

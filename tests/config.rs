@@ -44,7 +44,7 @@ async fn closed_until_an_access_rule_then_following_purges() {
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
     assert!(answer.text().contains("allow_anonymous(Endpoint::Config)"));
 
-    let mut token = service(JemallocLayer::builder().purge_bearer_token("s3cret"));
+    let mut token = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
     let answer = send(&mut token, request("GET", CONFIG)).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
     let mut authorized = request("GET", CONFIG);
@@ -209,6 +209,7 @@ async fn bad_puts_get_400_and_change_nothing() {
     assert_eq!(get_config(&mut service).await, before);
 }
 
+#[cfg(fault_injection)]
 #[tokio::test]
 async fn a_failed_write_undoes_the_ones_before_it() {
     let _serial = SERIAL.lock().await;
@@ -342,3 +343,10 @@ async fn per_arena_gauges_are_opt_in_and_bounded() {
     let total = with.value("jemalloc_resident_bytes").unwrap();
     assert!(resident > 0.0 && resident <= total, "{resident} of {total}");
 }
+
+/// Stands in for the tests above that make mallctl calls fail: they need the fault-injection
+/// seam, compiled in only when cargo runs inside this repository (its `.cargo/config.toml`).
+#[cfg(not(fault_injection))]
+#[test]
+#[ignore = "needs cfg(fault_injection): run cargo from the repository"]
+fn fault_injection_tests_need_cargo_run_from_the_repository() {}

@@ -35,7 +35,7 @@ async fn purge_token_is_required_and_metrics_stay_open() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let layer = JemallocLayer::builder()
         .allow_anonymous(Endpoint::Purge)
-        .purge_bearer_token("correct-horse")
+        .bearer_token(Endpoint::Purge, "correct-horse")
         .purge_cooldown(Duration::ZERO)
         .build()
         .unwrap();
@@ -78,8 +78,8 @@ async fn metrics_token_and_predicates() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let layer = JemallocLayer::builder()
         .allow_anonymous(Endpoint::Purge)
-        .metrics_bearer_token("scraper")
-        .purge_authorize(|request| {
+        .bearer_token(Endpoint::Metrics, "scraper")
+        .authorize(Endpoint::Purge, |request| {
             request
                 .extensions
                 .get::<SocketAddr>()

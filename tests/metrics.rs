@@ -199,6 +199,74 @@ fn register_instruments_works_on_any_meter() {
     }
 }
 
+/// The gauges of `register_instruments` on a provider of its own, exported without a namespace:
+/// every sample as (name, `arena` label).
+fn exported_with(register: impl FnOnce(&opentelemetry::metrics::Meter)) -> Vec<(String, String)> {
+    let registry = prometheus::Registry::new();
+    let exporter = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .build()
+        .unwrap();
+    let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+    register(&provider.meter("otlp-only"));
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    parse_exposition(&text)
+        .samples
+        .into_iter()
+        .map(|s| {
+            let arena = s.labels.get("arena").cloned().unwrap_or_default();
+            (s.name, arena)
+        })
+        .collect()
+}
+
+#[test]
+fn register_instruments_with_adds_the_per_arena_gauges() {
+    let _serial = EPOCH.lock().unwrap_or_else(|e| e.into_inner());
+    let per_arena = [
+        "jemalloc_arena_resident_bytes",
+        "jemalloc_arena_dirty_bytes",
+        "jemalloc_arena_muzzy_bytes",
+        "jemalloc_arena_threads",
+    ];
+
+    let plain = exported_with(|meter| tower_jemalloc::register_instruments(meter).unwrap());
+    assert!(
+        plain
+            .iter()
+            .any(|(name, _)| name == "jemalloc_resident_bytes"),
+        "{plain:?}"
+    );
+    assert!(
+        !plain.iter().any(|(name, _)| per_arena.contains(&&**name)),
+        "per-arena gauges are opt-in: {plain:?}"
+    );
+
+    let options = tower_jemalloc::InstrumentOptions::new().per_arena(true);
+    let with =
+        exported_with(|meter| tower_jemalloc::register_instruments_with(meter, options).unwrap());
+    assert!(
+        with.iter()
+            .any(|(name, _)| name == "jemalloc_resident_bytes"),
+        "{with:?}"
+    );
+    for gauge in per_arena {
+        let arenas: Vec<&str> = with
+            .iter()
+            .filter(|(name, _)| name == gauge)
+            .map(|(_, arena)| arena.as_str())
+            .collect();
+        // Arena 0 always exists; every series names its arena.
+        assert!(arenas.contains(&"0"), "{gauge}: {with:?}");
+        assert!(
+            arenas.iter().all(|arena| arena.parse::<u32>().is_ok()),
+            "{gauge}: {arenas:?}"
+        );
+    }
+}
+
 #[test]
 fn stats_read_directly() {
     let _serial = EPOCH.lock().unwrap_or_else(|e| e.into_inner());

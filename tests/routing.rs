@@ -8,7 +8,7 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use tower::{Layer, ServiceBuilder};
-use tower_jemalloc::JemallocLayer;
+use tower_jemalloc::{Endpoint, JemallocLayer};
 
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
@@ -121,8 +121,8 @@ async fn purge_refuses_other_methods() {
 async fn custom_and_disabled_paths() {
     let (echo, seen) = recording_echo();
     let layer = JemallocLayer::builder()
-        .metrics_path("/internal/prom")
-        .without_purge()
+        .path(Endpoint::Metrics, "/internal/prom")
+        .without(Endpoint::Purge)
         .build()
         .unwrap();
     let mut service = layer.layer(echo);
@@ -198,7 +198,7 @@ async fn long_and_same_length_paths_match_exactly() {
     let long = format!("/{}", "x".repeat(80));
     let (echo, seen) = recording_echo();
     let mut service = JemallocLayer::builder()
-        .metrics_path(long.clone())
+        .path(Endpoint::Metrics, long.clone())
         .build()
         .unwrap()
         .layer(echo);

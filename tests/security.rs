@@ -1,12 +1,16 @@
-//! Safe defaults and bounded work: debug endpoints closed until an access rule is set, strict
+//! Safe defaults and bounded work: debug endpoints closed until an access rule is set, no
+//! website able to drive them through a browser (cross-origin writes, DNS rebinding), strict
 //! requests on them, stats dumps shared and bounded, purge telemetry present from the start.
 #![cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 
 mod common;
 
+use bytes::Bytes;
 use common::*;
-use http::StatusCode;
+use http::{Request, StatusCode};
+use http_body_util::Full;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::Layer;
 use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder};
 
@@ -58,7 +62,7 @@ async fn debug_endpoints_are_closed_by_default_and_metrics_open() {
 
 #[tokio::test]
 async fn a_token_or_the_anonymous_opt_in_opens_them() {
-    let mut guarded = service(JemallocLayer::builder().purge_bearer_token("s3cret"));
+    let mut guarded = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
     for path in ["/debug/jemalloc/stats?format=text"] {
         let answer = send(&mut guarded, request("GET", path)).await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
@@ -82,7 +86,7 @@ async fn a_token_or_the_anonymous_opt_in_opens_them() {
 
 #[tokio::test]
 async fn two_authorization_headers_run_nothing() {
-    let mut service = service(JemallocLayer::builder().purge_bearer_token("s3cret"));
+    let mut service = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
     for pair in [
         ["Bearer wrong", "Bearer s3cret"],
         ["Bearer s3cret", "Bearer wrong"],
@@ -327,4 +331,342 @@ async fn many_concurrent_scrapes_all_get_200() {
     while let Some(status) = scrapes.join_next().await {
         assert_eq!(status.unwrap(), StatusCode::OK);
     }
+}
+
+/// Header names and values.
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
+/// `request(method, uri)` with `headers`.
+fn with_headers(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut request = request(method, uri);
+    for (name, value) in headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().append(name, value.parse().unwrap());
+    }
+    request
+}
+
+/// How many purges of `mode=purge` the layer counted, by result.
+async fn purges(service: &mut JemallocServiceOf) -> (f64, f64) {
+    let exposition = parse_exposition(send(service, request("GET", "/metrics")).await.text());
+    let count = |result: &str| {
+        exposition
+            .samples
+            .iter()
+            .find(|s| {
+                s.name == "jemalloc_purges_total"
+                    && s.labels.get("mode").map(String::as_str) == Some("purge")
+                    && s.labels.get("result").map(String::as_str) == Some(result)
+            })
+            .map_or(f64::NAN, |s| s.value)
+    };
+    (count("ok"), count("error"))
+}
+
+/// The issue's measurement: a page on another site made the browser POST a purge, and it ran.
+/// Now it is refused, whatever the access rule, and nothing runs; curl and same-origin pages
+/// are unaffected.
+#[tokio::test]
+async fn no_other_website_can_make_a_browser_change_anything() {
+    let host = ("host", "127.0.0.1:9070");
+    let refused_writes: [(&str, &str, Headers<'_>); 6] = [
+        (
+            "POST",
+            "/debug/jemalloc/purge",
+            &[
+                host,
+                ("origin", "https://evil.example"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+        ),
+        (
+            "POST",
+            "/debug/jemalloc/purge",
+            &[host, ("sec-fetch-site", "same-site")],
+        ),
+        // A browser without Sec-Fetch-Site: the Origin decides.
+        (
+            "POST",
+            "/debug/jemalloc/purge",
+            &[host, ("origin", "https://evil.example")],
+        ),
+        ("POST", "/debug/jemalloc/purge", &[host, ("origin", "null")]),
+        (
+            "PUT",
+            "/debug/jemalloc/config?dirty_decay_ms=0",
+            &[host, ("origin", "http://127.0.0.1:8080")],
+        ),
+        (
+            "PUT",
+            "/debug/jemalloc/profiling?active=true",
+            &[host, ("sec-fetch-site", "cross-site")],
+        ),
+    ];
+    let anonymous = JemallocLayer::builder().allow_anonymous(Endpoint::Purge);
+    let token = JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret");
+    for (rule, builder) in [("anonymous", anonymous), ("token", token)] {
+        let mut service = service(builder);
+        for (method, uri, headers) in refused_writes {
+            let mut request = with_headers(method, uri, headers);
+            request
+                .headers_mut()
+                .insert("authorization", "Bearer s3cret".parse().unwrap());
+            let answer = send(&mut service, request).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::FORBIDDEN,
+                "{rule}: {method} {uri} {headers:?}"
+            );
+            let reason = answer.text();
+            assert_eq!(reason.lines().count(), 1, "{reason}");
+            assert!(
+                reason.starts_with("cross-origin request refused: "),
+                "{reason}"
+            );
+            assert!(reason.contains("curl or a script"), "{reason}");
+        }
+        assert_eq!(
+            purges(&mut service).await,
+            (0.0, 0.0),
+            "{rule}: nothing ran"
+        );
+    }
+
+    let mut service = service(JemallocLayer::builder().allow_anonymous(Endpoint::Purge));
+    // curl, a script, Prometheus: no Origin, no Sec-Fetch-Site.
+    let curl = with_headers("POST", "/debug/jemalloc/purge", &[host]);
+    assert_eq!(send(&mut service, curl).await.status, StatusCode::OK);
+    // A page of this very origin, or the user's own navigation.
+    for headers in [
+        &[host, ("origin", "http://127.0.0.1:9070")][..],
+        &[
+            host,
+            ("origin", "http://127.0.0.1:9070"),
+            ("sec-fetch-site", "same-origin"),
+        ],
+        &[host, ("sec-fetch-site", "none")],
+    ] {
+        let answer = send(
+            &mut service,
+            with_headers("POST", "/debug/jemalloc/purge", headers),
+        )
+        .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "{headers:?}: {}",
+            answer.text()
+        );
+    }
+    assert_eq!(purges(&mut service).await, (4.0, 0.0));
+    // Reading is not a write: a cross-site GET gets its answer (which the page cannot read
+    // without CORS, and the layer grants none).
+    let answer = send(
+        &mut service,
+        with_headers(
+            "GET",
+            "/debug/jemalloc/stats?format=text",
+            &[host, ("sec-fetch-site", "cross-site")],
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("access-control-allow-origin"), None);
+}
+
+/// DNS rebinding: the attacker's host name, re-pointed at 127.0.0.1, is refused on every
+/// method of an anonymous debug endpoint; IP literals and localhost pass, and so do token
+/// access and `/metrics`.
+#[tokio::test]
+async fn anonymous_access_answers_only_ip_literals_and_localhost() {
+    let mut anonymous = service(JemallocLayer::builder().allow_anonymous(Endpoint::Purge));
+    for (method, uri) in [
+        ("POST", "/debug/jemalloc/purge"),
+        ("GET", "/debug/jemalloc/stats?format=text"),
+        ("HEAD", "/debug/jemalloc/stats"),
+        ("GET", "/debug/jemalloc/config"),
+        ("PUT", "/debug/jemalloc/config?dirty_decay_ms=1000"),
+    ] {
+        for host in [
+            "attacker.example",
+            "attacker.example:9070",
+            "localhost.evil.example",
+        ] {
+            let answer = send(&mut anonymous, with_headers(method, uri, &[("host", host)])).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::FORBIDDEN,
+                "{method} {uri} {host}"
+            );
+            if method != "HEAD" {
+                let reason = answer.text();
+                assert_eq!(reason.lines().count(), 1, "{reason}");
+                assert!(reason.contains("IP address or localhost"), "{reason}");
+            }
+        }
+    }
+    assert_eq!(purges(&mut anonymous).await, (0.0, 0.0));
+    for host in [
+        "127.0.0.1:9070",
+        "[::1]:9070",
+        "localhost:9070",
+        "LocalHost.",
+        "10.0.0.5",
+    ] {
+        let answer = send(
+            &mut anonymous,
+            with_headers(
+                "GET",
+                "/debug/jemalloc/stats?format=text",
+                &[("host", host)],
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{host}: {}", answer.text());
+    }
+    // HTTP/1.0 without Host: nothing to rebind.
+    let answer = send(&mut anonymous, request("POST", "/debug/jemalloc/purge")).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    // /metrics is read-only and Prometheus may scrape it by name.
+    let answer = send(
+        &mut anonymous,
+        with_headers(
+            "GET",
+            "/metrics",
+            &[("host", "metrics.internal.example:9070")],
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+
+    // A token is not something a rebinding page has: host names are fine with one.
+    let mut guarded = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
+    let answer = send(
+        &mut guarded,
+        with_headers(
+            "GET",
+            "/debug/jemalloc/stats?format=text",
+            &[
+                ("host", "ops.example:9070"),
+                ("authorization", "Bearer s3cret"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
+/// Serves the layer as the example server does (anonymous on loopback) with hyper-util's
+/// HTTP/1.1 and HTTP/2 connection builder on a loopback port; returns the address.
+async fn serve_anonymous() -> std::net::SocketAddr {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::service::TowerToHyperService;
+    let layer = JemallocLayer::builder()
+        .allow_anonymous(Endpoint::Purge)
+        .purge_cooldown(Duration::ZERO)
+        .build()
+        .unwrap();
+    let app = tower::service_fn(|_: Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("app"))))
+    });
+    let service = layer.layer(app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `head` on a new connection to `addr` and returns the status line of the answer:
+/// what curl sends, byte for byte, with nothing a browser adds.
+async fn raw_http1(addr: std::net::SocketAddr, head: &str) -> String {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        answer.lines().next().unwrap_or_default().to_owned()
+    };
+    tokio::time::timeout(client::TIMEOUT, exchange)
+        .await
+        .expect("an answer within the timeout")
+}
+
+/// On a real loopback socket: curl's requests pass (HTTP/1.1 with `Host: 127.0.0.1:port`,
+/// HTTP/1.0 without `Host`); over HTTP/2 the `:authority` is what is checked, both for
+/// rebinding and as the host an `Origin` must match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_passes_and_http2_authority_is_checked_on_a_real_socket() {
+    let addr = serve_anonymous().await;
+    let port = addr.port();
+
+    let curl = format!(
+        "POST /debug/jemalloc/purge HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: curl/8.5.0\r\n\
+         Accept: */*\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_http1(addr, &curl).await, "HTTP/1.1 200 OK");
+    let http10 = "POST /debug/jemalloc/purge HTTP/1.0\r\n\r\n";
+    assert_eq!(raw_http1(addr, http10).await, "HTTP/1.0 200 OK");
+    let rebound = format!(
+        "GET /debug/jemalloc/stats HTTP/1.1\r\nHost: attacker.example:{port}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_http1(addr, &rebound).await, "HTTP/1.1 403 Forbidden");
+    let cross_site = format!(
+        "POST /debug/jemalloc/purge HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Origin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_http1(addr, &cross_site).await, "HTTP/1.1 403 Forbidden");
+
+    // HTTP/2 with prior knowledge, on a connection to 127.0.0.1 whatever the URI names: the
+    // URI's authority becomes `:authority`, and no Host header is sent.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut h2 = |method: &str, authority: &str, path: &str, origin: Option<&str>| {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://{authority}{path}"));
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        let request = request.body(Full::<Bytes>::default()).unwrap();
+        let response = sender.send_request(request);
+        async move {
+            let response = tokio::time::timeout(client::TIMEOUT, response)
+                .await
+                .expect("an answer within the timeout")
+                .unwrap();
+            assert_eq!(response.version(), http::Version::HTTP_2);
+            response.status()
+        }
+    };
+    let local = format!("127.0.0.1:{port}");
+    let rebound = format!("attacker.example:{port}");
+    let stats = "/debug/jemalloc/stats?format=text";
+    assert_eq!(h2("GET", &local, stats, None).await, StatusCode::OK);
+    assert_eq!(
+        h2("GET", &rebound, stats, None).await,
+        StatusCode::FORBIDDEN
+    );
+    let purge = "/debug/jemalloc/purge";
+    let own = format!("http://{local}");
+    assert_eq!(h2("POST", &local, purge, Some(&own)).await, StatusCode::OK);
+    let other = "http://127.0.0.1:1";
+    assert_eq!(
+        h2("POST", &local, purge, Some(other)).await,
+        StatusCode::FORBIDDEN
+    );
 }

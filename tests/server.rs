@@ -128,7 +128,7 @@ async fn a_huge_purge_body_gets_413_without_being_read() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let router: Router = Router::new().route("/", get(|| async { "home" }));
     let layer = JemallocLayer::builder()
-        .purge_bearer_token("t")
+        .bearer_token(Endpoint::Purge, "t")
         .build()
         .unwrap();
     let addr = common::serve_axum(router, layer).await;

@@ -32,14 +32,16 @@ impl Args {
     /// The debug endpoints (purge, and stats, heap and profiling, which follow purge's rules)
     /// are closed until they have an access rule. With a token they require it; without one
     /// they are opened to anyone only when the example listens on a loopback address, where
-    /// only this machine can reach them. On any other address without a token the example refuses to start.
+    /// only this machine can reach them (and then answer only requests addressed to an IP or
+    /// `localhost`, never a browser's cross-site write, so no website can use them through a
+    /// browser on this machine). On any other address without a token the example refuses to start.
     pub fn builder(&self) -> JemallocLayerBuilder {
         let mut builder = JemallocLayer::builder();
         if let Some(namespace) = &self.namespace {
             builder = builder.namespace(namespace);
         }
         match &self.purge_token {
-            Some(token) => builder = builder.purge_bearer_token(token),
+            Some(token) => builder = builder.bearer_token(Endpoint::Purge, token),
             None if self.addr.ip().is_loopback() => {
                 builder = builder.allow_anonymous(Endpoint::Purge);
             }

@@ -1,8 +1,10 @@
 //! The endpoints the layer answers itself, and the one pipeline every intercepted request
 //! goes through:
 //!
-//! 1. **admit**: the method (405 with `Allow`), then access (401 with
-//!    `WWW-Authenticate: Bearer`, or 403), whoever the endpoint is;
+//! 1. **admit**: the method (405 with `Allow`), then access, whoever the endpoint is: a
+//!    cross-origin write from a browser or, for anonymous access, a `Host` that is not an IP
+//!    or `localhost` (403), then the rule itself (401 with `WWW-Authenticate: Bearer`, or
+//!    403), see [`access`];
 //! 2. **parameters**: the query string checked against the names the endpoint accepts, each
 //!    at most once ([`Query::check`]: 400 naming them, or naming the one given twice), then
 //!    read from it and the headers ([`Handler::params`]: 400 with a reason naming what is
@@ -54,7 +56,7 @@ use std::fmt;
 macro_rules! endpoints {
     ($(
         $(#[doc = $doc:literal])*
-        $variant:ident => $name:literal, $default_path:ident = $path:literal, $handler:ty
+        $variant:ident => $name:literal, $path:literal, $handler:ty
             $(, access from $access_from:ident)?;
     )*) => {
         /// One of the endpoints the layer answers itself, to configure with the builder's
@@ -69,11 +71,6 @@ macro_rules! endpoints {
             $( $(#[doc = $doc])* $variant, )*
         }
 
-        $(
-            #[doc = concat!("The default path of the ", $name, " endpoint.")]
-            pub const $default_path: &str = $path;
-        )*
-
         impl Endpoint {
             /// Every endpoint, in the order the layer matches paths.
             pub const ALL: &'static [Endpoint] = &[$(Self::$variant),*];
@@ -84,9 +81,11 @@ macro_rules! endpoints {
                 match self { $(Self::$variant => $name,)* }
             }
 
-            /// The path it answers unless configured otherwise.
-            pub fn default_path(self) -> &'static str {
-                match self { $(Self::$variant => $default_path,)* }
+            /// The path it answers unless configured otherwise with
+            /// [`path`](crate::JemallocLayerBuilder::path): `"/metrics"`,
+            /// `"/debug/jemalloc/purge"`, ….
+            pub const fn default_path(self) -> &'static str {
+                match self { $(Self::$variant => $path,)* }
             }
 
             /// Whose access rules it follows when it has none of its own.
@@ -125,21 +124,21 @@ macro_rules! endpoints {
 
 endpoints! {
     /// `GET|HEAD /metrics`: the Prometheus text exposition.
-    Metrics => "metrics", DEFAULT_METRICS_PATH = "/metrics", metrics::Metrics;
+    Metrics => "metrics", "/metrics", metrics::Metrics;
     /// `POST|PUT /debug/jemalloc/purge`: returns unused pages to the OS.
-    Purge => "purge", DEFAULT_PURGE_PATH = "/debug/jemalloc/purge", purge::Purge;
+    Purge => "purge", "/debug/jemalloc/purge", purge::Purge;
     /// `GET|HEAD /debug/jemalloc/stats`: `malloc_stats_print` with a summary.
-    Stats => "stats", DEFAULT_STATS_PATH = "/debug/jemalloc/stats", stats::Stats,
+    Stats => "stats", "/debug/jemalloc/stats", stats::Stats,
         access from Purge;
     /// `GET|HEAD|PUT /debug/jemalloc/config`: background threads and decay times, read and
     /// changed at run time.
-    Config => "config", DEFAULT_CONFIG_PATH = "/debug/jemalloc/config", config::Config,
+    Config => "config", "/debug/jemalloc/config", config::Config,
         access from Purge;
     /// `GET /debug/pprof/heap`: the heap profile, pprof or a flame graph (feature `profiling`).
-    Heap => "heap", DEFAULT_HEAP_PATH = "/debug/pprof/heap", heap::Heap,
+    Heap => "heap", "/debug/pprof/heap", heap::Heap,
         access from Purge;
     /// `GET|PUT /debug/jemalloc/profiling`: the heap profiler's state, and switching it.
-    Profiling => "profiling", DEFAULT_PROFILING_PATH = "/debug/jemalloc/profiling",
+    Profiling => "profiling", "/debug/jemalloc/profiling",
         profiling::Profiling, access from Purge;
 }
 

@@ -166,7 +166,7 @@ mod imp {
 
     /// Fails when a test armed `key` (only in builds with the fault-injection seam).
     fn fault(key: &'static str) -> Result<(), JemallocError> {
-        #[cfg(feature = "__fault-injection")]
+        #[cfg(fault_injection)]
         crate::jemalloc::fault::check(key)?;
         let _ = key;
         Ok(())

@@ -13,7 +13,7 @@
 pub(crate) mod ctl;
 pub(crate) mod dump;
 mod error;
-#[cfg(all(jemalloc, feature = "__fault-injection"))]
+#[cfg(all(jemalloc, fault_injection))]
 pub(crate) mod fault;
 pub(crate) mod figures;
 mod process_slot;
@@ -25,6 +25,6 @@ pub(crate) mod tuning;
 pub use error::JemallocError;
 pub use figures::JemallocStats;
 pub use profiling::{ProfilingChange, ProfilingStatus};
-pub use purge::{purge_all_arenas, PurgeError, PurgeMode, PurgeReport, UnknownPurgeMode};
+pub use purge::{purge_all_arenas, OsMemory, PurgeError, PurgeMode, PurgeReport, UnknownPurgeMode};
 pub use summary::{BackgroundThread, MallocConf, Ratios, StatsSummary};
 pub use tuning::{ArenaDecay, ConfigUpdate, JemallocConfig, MAX_DECAY_MS};

@@ -17,8 +17,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// What a purge asks of jemalloc.
+///
+/// Non-exhaustive: jemalloc has other ways of giving memory back, and a later version may
+/// offer one, so a `match` on it needs a wildcard arm.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum PurgeMode {
     /// `arena.<all>.purge`: release every unused dirty and muzzy page now (`?mode=purge`, the
     /// default).
@@ -101,14 +105,37 @@ pub struct PurgeReport {
     pub duration: Duration,
     /// What ran.
     pub mode: PurgeMode,
-    /// The process's memory as the OS saw it (before, after), where available.
-    pub os: Option<(ProcessMemory, ProcessMemory)>,
+    /// The process's memory as the OS saw it just before and just after the purge, where
+    /// available (Linux).
+    pub os: Option<OsMemory>,
 }
 
 impl PurgeReport {
     /// `before.resident − after.resident`, or 0 if resident memory grew meanwhile.
     pub fn released_bytes(&self) -> u64 {
         self.before.resident.saturating_sub(self.after.resident)
+    }
+}
+
+/// The process's memory as the OS saw it around a purge ([`PurgeReport::os`]): what a
+/// purge changed in the RSS, which is what the kernel, a container limit and `top` count.
+///
+/// Its JSON form is `{"before":{"rss":…,"lazy_free":…},"after":{…}}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct OsMemory {
+    /// Read just before the purge.
+    pub before: ProcessMemory,
+    /// Read just after the purge.
+    pub after: ProcessMemory,
+}
+
+impl OsMemory {
+    /// `before.rss − after.rss`, or 0 if the RSS grew meanwhile. Pages released with
+    /// `MADV_FREE` stay in the RSS until the kernel needs them: see
+    /// [`ProcessMemory::lazy_free`].
+    pub fn rss_released(&self) -> u64 {
+        self.before.rss.saturating_sub(self.after.rss)
     }
 }
 
@@ -123,13 +150,7 @@ struct ReportJson {
     duration_seconds: f64,
     mode: PurgeMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    os: Option<OsJson>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct OsJson {
-    before: ProcessMemory,
-    after: ProcessMemory,
+    os: Option<OsMemory>,
 }
 
 impl From<PurgeReport> for ReportJson {
@@ -141,7 +162,7 @@ impl From<PurgeReport> for ReportJson {
             arenas_purged: report.arenas_purged,
             duration_seconds: report.duration.as_secs_f64(),
             mode: report.mode,
-            os: report.os.map(|(before, after)| OsJson { before, after }),
+            os: report.os,
         }
     }
 }
@@ -154,7 +175,7 @@ impl From<ReportJson> for PurgeReport {
             arenas_purged: json.arenas_purged,
             duration: Duration::try_from_secs_f64(json.duration_seconds).unwrap_or_default(),
             mode: json.mode,
-            os: json.os.map(|os| (os.before, os.after)),
+            os: json.os,
         }
     }
 }
@@ -236,7 +257,9 @@ fn measure(ctl: &Ctl, mode: PurgeMode) -> Result<PurgeReport, JemallocError> {
     })?;
     let duration = start.elapsed();
     let after = ctl.snapshot()?;
-    let os = os_before.zip(ProcessMemory::read());
+    let os = os_before
+        .zip(ProcessMemory::read())
+        .map(|(before, after)| OsMemory { before, after });
     Ok(PurgeReport {
         before,
         after,
@@ -293,7 +316,11 @@ mod tests {
             "{json}"
         );
         let os = |rss, lazy_free| ProcessMemory { rss, lazy_free };
-        report.os = Some((os(10, Some(2)), os(8, None)));
+        report.os = Some(OsMemory {
+            before: os(10, Some(2)),
+            after: os(8, None),
+        });
+        assert_eq!(report.os.unwrap().rss_released(), 2);
         let json = serde_json::to_string(&report).unwrap();
         assert!(
             json.ends_with(

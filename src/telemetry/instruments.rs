@@ -32,7 +32,8 @@ use std::sync::{Arc, Mutex};
 ///
 /// Use this when you already run your own `SdkMeterProvider` (for example one exporting OTLP
 /// only); [`JemallocLayer`](crate::JemallocLayer) calls it for you otherwise. Call it once per
-/// meter provider: calling it twice registers every callback twice.
+/// meter provider: calling it twice registers every callback twice. For the per-arena gauges
+/// too, use [`register_instruments_with`].
 ///
 /// # Errors
 ///
@@ -53,11 +54,68 @@ use std::sync::{Arc, Mutex};
 /// tower_jemalloc::register_instruments(&meter).expect("jemalloc is the global allocator");
 /// ```
 pub fn register_instruments(meter: &Meter) -> Result<(), JemallocError> {
-    register(meter, false)
+    register_instruments_with(meter, InstrumentOptions::new())
 }
 
-/// [`register_instruments`], with the per-arena gauges when `per_arena` is set.
-pub(crate) fn register(meter: &Meter, per_arena: bool) -> Result<(), JemallocError> {
+/// What [`register_instruments_with`] registers beyond the gauges of
+/// [`register_instruments`]. Starts with everything optional off; each method switches one
+/// group on, so that options added later keep their default and existing code its meaning.
+///
+/// ```
+/// let options = tower_jemalloc::InstrumentOptions::new().per_arena(true);
+/// # drop(options);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstrumentOptions {
+    per_arena: bool,
+}
+
+impl InstrumentOptions {
+    /// The defaults: the gauges of [`register_instruments`], nothing more.
+    pub const fn new() -> Self {
+        Self { per_arena: false }
+    }
+
+    /// Whether to register the per-arena gauges (default `false`): resident, dirty and muzzy
+    /// bytes and the thread count of each initialized arena, exported as
+    /// `jemalloc_arena_{resident,dirty,muzzy}_bytes{arena="<i>"}` and
+    /// `jemalloc_arena_threads{arena="<i>"}`, from the same snapshot as the other gauges.
+    /// Four series per arena: see
+    /// [`per_arena_metrics`](crate::JemallocLayerBuilder::per_arena_metrics), the layer's
+    /// switch for the same gauges, for what they cost.
+    pub const fn per_arena(mut self, enabled: bool) -> Self {
+        self.per_arena = enabled;
+        self
+    }
+}
+
+/// [`register_instruments`], with the optional gauges `options` switches on.
+///
+/// # Errors
+///
+/// As [`register_instruments`]: nothing is registered when jemalloc's statistics cannot be
+/// read in this process.
+///
+/// # Example
+///
+/// ```
+/// use tower_jemalloc::opentelemetry::metrics::MeterProvider;
+/// use tower_jemalloc::opentelemetry_sdk::metrics::SdkMeterProvider;
+/// use tower_jemalloc::InstrumentOptions;
+///
+/// #[global_allocator]
+/// static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
+///
+/// let provider = SdkMeterProvider::builder().build(); // add your OTLP reader here
+/// let meter = provider.meter("my-service");
+/// tower_jemalloc::register_instruments_with(&meter, InstrumentOptions::new().per_arena(true))
+///     .expect("jemalloc is the global allocator");
+/// ```
+pub fn register_instruments_with(
+    meter: &Meter,
+    options: InstrumentOptions,
+) -> Result<(), JemallocError> {
+    let InstrumentOptions { per_arena } = options;
     let ctl = crate::jemalloc::ctl::ctl()?;
     let version = ctl.version()?;
     let snapshot = Arc::new(SharedSnapshot::new(per_arena));

@@ -54,6 +54,15 @@ fn run() -> Result<(), String> {
         report.released_bytes(),
         report.duration
     );
+    // The OS's view, where the server could read it (Linux): named fields, not a tuple.
+    if let Some(os) = report.os {
+        println!(
+            "process RSS: {} bytes before, {} after, {} released",
+            os.before.rss,
+            os.after.rss,
+            os.rss_released()
+        );
+    }
     Ok(())
 }
 
