@@ -33,7 +33,10 @@
 //! until they have an access rule: a bearer token, a predicate, or an explicit
 //! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
 //! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
-//! stats and scrape bounds; see the README's Security section. Every other request goes to the inner service untouched. JSON answers are serde
+//! stats and scrape bounds; see the README's Security section. No request waits for ever: past
+//! its deadline (Prometheus' scrape timeout for `/metrics`, otherwise
+//! [`job_deadline`](JemallocLayerBuilder::job_deadline)) it gets a 503 naming the job it
+//! waited for. Every other request goes to the inner service untouched. JSON answers are serde
 //! types ([`PurgeReport`], [`JemallocStats`], [`StatsSummary`]) that a Rust client can read
 //! back, and the crates whose types appear in the API are re-exported ([`opentelemetry`],
 //! [`opentelemetry_sdk`], [`opentelemetry_prometheus`], [`prometheus`]), so that a user needs
@@ -203,9 +206,9 @@ pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{
     Endpoint, DEFAULT_CONFIG_PATH, DEFAULT_HEAP_PATH, DEFAULT_HEAP_PROFILE_MAX_BYTES,
-    DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_METRICS_PATH, DEFAULT_PROFILING_PATH,
-    DEFAULT_PURGE_COOLDOWN, DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_PATH,
-    DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
+    DEFAULT_JOB_DEADLINE, DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_METRICS_PATH,
+    DEFAULT_PROFILING_PATH, DEFAULT_PURGE_COOLDOWN, DEFAULT_PURGE_PATH, DEFAULT_STATS_MAX_BYTES,
+    DEFAULT_STATS_PATH, DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use jemalloc::{

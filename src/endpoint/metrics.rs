@@ -19,10 +19,16 @@
 //!   scrape gets a 503 with `Retry-After: 1` at once. Waiting on a shared render costs almost
 //!   nothing, so the limit only bounds the memory that waiting scrapes hold.
 //!
+//! - **Deadline**: a render can block (an observable callback of the application waiting on a
+//!   lock). A scrape waits at most the builder's `job_deadline` (default 30 s); past it, a 503
+//!   with `Retry-After` and a reason naming the render and how long it has run. The render
+//!   keeps its place: later scrapes join it (and time out in turn), never a second render
+//!   thread beside a stuck one, and the next scrape after it ends renders afresh.
+//!
 //! Order of checks after admission: in-flight limit (503), then the render.
 
 use super::handler::{Context, Handler};
-use super::job::{Flight, Job, Runner};
+use super::job::{Flight, Job, JobKind};
 use super::response::{self, Answer};
 use crate::telemetry::exposition::{Render, Renderer, CONTENT_TYPE};
 use http::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, VARY};
@@ -68,7 +74,10 @@ impl Handler for Metrics {
                 context.registry.clone(),
                 context.zero_histograms.to_vec(),
             )),
-            renders: Arc::new(Flight::new(settings.scrape_reuse_window)),
+            renders: Arc::new(Flight::new(
+                context.runner(JobKind::Render),
+                settings.scrape_reuse_window,
+            )),
             gzip: settings.gzip,
             limit: settings.max_concurrent_scrapes,
             in_flight: Arc::default(),
@@ -96,21 +105,18 @@ impl Handler for Metrics {
         };
         let renderer = Arc::clone(&self.renderer);
         let gzip = self.gzip;
-        let job =
-            self.renders
-                .join_or_start(Runner::OffWorkers("jemalloc-metrics"), move || {
-                    // A collector the application registered may panic; the scrape still gets an
-                    // answer (500) and the next scrape starts a fresh render.
-                    let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        renderer.render()
-                    }))
+        let job = self.renders.join_or_start(move || {
+            // A collector the application registered may panic; the scrape still gets an
+            // answer (500) and the next scrape starts a fresh render.
+            let rendered =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| renderer.render()))
                     .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
-                    // Compress here, off the workers, for every scrape that will want it.
-                    if let (Ok(render), true) = (&rendered, gzip) {
-                        render.gzip();
-                    }
-                    rendered
-                })?;
+            // Compress here, off the workers, for every scrape that will want it.
+            if let (Ok(render), true) = (&rendered, gzip) {
+                render.gzip();
+            }
+            rendered
+        })?;
         Ok(job.holding(slot))
     }
 
