@@ -22,8 +22,9 @@
 //! dump under jemalloc's locks): it runs on, keeps its place in its [`Flight`] or its slot, so
 //! that later requests join it (and time out in turn) instead of starting a second thread of
 //! the same kind, and it is **stuck** until it ends. Stuck jobs are counted by
-//! [`JobTelemetry`] and logged once each. Deadlines are kept by one process-wide thread
-//! (`super::timer`), whatever the executor.
+//! [`JobTelemetry`] and logged once each. A job ends (no longer stuck, its slot free) before
+//! its result is published. Deadlines are kept by one process-wide thread (`super::timer`),
+//! whatever the executor.
 //!
 //! A job that runs inline (the [`Runner`] of a kind that runs off the workers, called outside
 //! a tokio runtime: there are no async workers to protect) has answered before the request
@@ -377,9 +378,10 @@ impl<T: Send + Sync + 'static> Job<T> {
         let (record, waiter) = Record::start(runner, slot);
         let ending = Ending(Arc::clone(&record));
         runner.run(move || {
-            let waiters = Waiters(record);
-            sender.send_replace(Some(Arc::new(work(&waiters))));
+            let output = Arc::new(work(&Waiters(record)));
+            // Ended (no longer stuck, slot free) before anyone sees the result.
             drop(ending);
+            sender.send_replace(Some(output));
         })?;
         Ok(Self::watching(result, waiter, runner.deadline))
     }
@@ -537,8 +539,10 @@ impl<T: Send + Sync + 'static> Flight<T> {
         self.runner.run(move || {
             let output = Arc::new(work());
             // Stop accepting joiners before publishing: a request that arrives once the job
-            // is finished must not get a result that finished before it arrived.
+            // is finished must not get a result that finished before it arrived. And end the
+            // job (no longer stuck) before anyone sees the result.
             landing.land(Some(&output));
+            drop(landing);
             sender.send_replace(Some(output));
         })?;
         Ok(Job::watching(result, waiter, deadline))
