@@ -404,6 +404,9 @@ impl JemallocLayerBuilder {
     ///
     /// Some requests wait otherwise:
     ///
+    /// - a `/metrics` scrape that carries Prometheus' `X-Prometheus-Scrape-Timeout-Seconds`
+    ///   waits that long minus half a second (at most half of it), so that Prometheus gets
+    ///   the 503 before it gives up; this deadline applies only without the header;
     /// - a heap growth window (`?seconds=N`) waits N seconds more;
     /// - a purge waits at least 5 minutes: returning the pages of a large heap takes time,
     ///   and the report is what the caller asked for.

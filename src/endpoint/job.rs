@@ -15,13 +15,13 @@
 //!
 //! No request waits for ever. Each waits at most its deadline: the runner's (the builder's
 //! [`job_deadline`](crate::JemallocLayerBuilder::job_deadline), default 30 s; a purge at least
-//! 5 minutes), or what its endpoint sets ([`Job::waiting_longer`]: a heap growth window adds
-//! its length).
+//! 5 minutes), or what its endpoint sets ([`Job::waiting_at_most`]: `/metrics` from
+//! Prometheus' scrape timeout; [`Job::waiting_longer`]: a heap growth window adds its length).
 //! Past it the request gets a 503 with `Retry-After: 5` and a reason naming the job and how
-//! long it has run. The job itself cannot be stopped (an observable callback blocked on a lock, a
-//! dump under jemalloc's locks): it runs on, keeps its place in its [`Flight`] or its slot, so
-//! that later requests join it (and time out in turn) instead of starting a second thread of
-//! the same kind, and it is **stuck** until it ends. Stuck jobs are counted by
+//! long it has run. The job itself cannot be stopped (an observable callback blocked on a
+//! lock, a dump under jemalloc's locks): it runs on, keeps its place in its [`Flight`] or its
+//! slot, so that later requests join it (and time out in turn) instead of starting a second
+//! thread of the same kind, and it is **stuck** until it ends. Stuck jobs are counted by
 //! [`JobTelemetry`] and logged once each. A job ends (no longer stuck, its slot free) before
 //! its result is published. Deadlines are kept by one process-wide thread (`super::timer`),
 //! whatever the executor.
@@ -409,6 +409,12 @@ impl<T: Send + Sync + 'static> Job<T> {
     /// Keeps `value` alive until the request is answered.
     pub(crate) fn holding(mut self, value: impl Send + 'static) -> Self {
         self.hold = Some(Box::new(value));
+        self
+    }
+
+    /// Waits at most `deadline` (instead of the runner's).
+    pub(crate) fn waiting_at_most(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
         self
     }
 
@@ -803,7 +809,8 @@ mod tests {
                 drop(never);
                 "second"
             })
-            .unwrap();
+            .unwrap()
+            .waiting_at_most(Duration::from_millis(50));
         let answer = answered(second.reply("stats", |v| response::text(StatusCode::OK, v))).await;
         assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
