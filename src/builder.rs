@@ -10,7 +10,7 @@
 //! endpoint, including ones added later.
 
 use crate::endpoint::{
-    validate_token, Access, Context, Endpoint, Predicate, Route, Routes, Settings,
+    validate_token, Access, Context, Endpoint, JobTelemetry, Predicate, Route, Routes, Settings,
 };
 use crate::layer::JemallocLayer;
 use crate::telemetry::instruments::{register_instruments_with, InstrumentOptions};
@@ -339,6 +339,33 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// How long a request waits for the job that answers it before it gets a 503 (default
+    /// 30 s, [`DEFAULT_JOB_DEADLINE`](crate::DEFAULT_JOB_DEADLINE)). Every endpoint's work (a
+    /// render, a stats dump, a config read or change, a heap profile, a purge) runs on a thread
+    /// of its own, and something it waits on may never come back: an observable callback of
+    /// the application blocked on a lock, a dump stuck under jemalloc's locks. Past its
+    /// deadline a request gets a 503 with `Retry-After` and a reason naming the job and how
+    /// long it has run. The job cannot be stopped: it keeps its thread, and requests for it
+    /// join it (and time out in turn) rather than start a second thread of its kind, until it
+    /// ends. `…_jemalloc_layer_jobs_stuck{job}` counts such jobs,
+    /// `…_jemalloc_layer_jobs_timeouts_total{job}` the requests that timed out.
+    ///
+    /// Some requests wait otherwise:
+    ///
+    /// - a `/metrics` scrape that carries Prometheus' `X-Prometheus-Scrape-Timeout-Seconds`
+    ///   waits that long minus half a second (at most half of it), so that Prometheus gets
+    ///   the 503 before it gives up; this deadline applies only without the header;
+    /// - a heap growth window (`?seconds=N`) waits N seconds more;
+    /// - a purge waits at least 5 minutes: returning the pages of a large heap takes time,
+    ///   and the report is what the caller asked for.
+    ///
+    /// Outside a tokio runtime, renders, dumps and reads run inline in `call`, and no
+    /// deadline applies to them.
+    pub fn job_deadline(mut self, deadline: Duration) -> Self {
+        self.settings.job_deadline = deadline;
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     ///
     /// When jemalloc's statistics cannot be read in this process (it is not the global
@@ -351,10 +378,13 @@ impl JemallocLayerBuilder {
     /// A [`BuildError`] naming the bad setting: a path that is not an absolute path, two
     /// endpoints on the same path, an invalid namespace, a namespace given with your own
     /// registry, the exporter failing to register, a token that cannot be sent in a header,
-    /// or a scrape limit of zero.
+    /// a scrape limit of zero, or a job deadline of zero.
     pub fn build(self) -> Result<JemallocLayer, BuildError> {
         if self.settings.max_concurrent_scrapes == 0 {
             return Err(BuildError::ZeroScrapeLimit);
+        }
+        if self.settings.job_deadline.is_zero() {
+            return Err(BuildError::ZeroJobDeadline);
         }
         let mut paths: Vec<(Endpoint, Box<str>, Access)> = Vec::new();
         for (endpoint, config) in &self.endpoints {
@@ -418,11 +448,13 @@ impl JemallocLayerBuilder {
             .iter()
             .flat_map(|(endpoint, ..)| endpoint.zero_histograms().iter().copied())
             .collect();
+        let jobs = JobTelemetry::new(&meter);
         let context = Context {
             registry: &registry,
             meter: &meter,
             settings: &self.settings,
             zero_histograms: &zero_histograms,
+            jobs: &jobs,
         };
         let routes = paths
             .into_iter()
@@ -533,6 +565,10 @@ pub enum BuildError {
         "max_concurrent_scrapes is 0, which refuses every scrape; use without(Endpoint::Metrics)"
     )]
     ZeroScrapeLimit,
+    /// [`job_deadline`](JemallocLayerBuilder::job_deadline) is zero, which would answer 503
+    /// to every request that has to wait for its job.
+    #[error("job_deadline is 0, which answers 503 to every request that waits for its job")]
+    ZeroJobDeadline,
 }
 
 #[cfg(test)]
@@ -613,6 +649,8 @@ mod tests {
         );
         let err = refused(JemallocLayer::builder().max_concurrent_scrapes(0));
         assert!(matches!(err, BuildError::ZeroScrapeLimit), "{err:?}");
+        let err = refused(JemallocLayer::builder().job_deadline(Duration::ZERO));
+        assert!(matches!(err, BuildError::ZeroJobDeadline), "{err:?}");
     }
 
     #[test]

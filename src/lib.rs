@@ -43,7 +43,9 @@
 //! stats and scrape bounds; see the README's Security section. No website can drive the
 //! debug endpoints through a browser: a cross-origin write is refused whatever the rule, and
 //! anonymous access answers only requests addressed to an IP or `localhost` (against DNS
-//! rebinding).
+//! rebinding). No request waits for ever: past its deadline (Prometheus' scrape timeout for
+//! `/metrics`, otherwise [`job_deadline`](JemallocLayerBuilder::job_deadline)) it gets a 503
+//! naming the job it waited for.
 //! Every other request goes to the inner service untouched. JSON answers are serde
 //! types ([`PurgeReport`], [`JemallocStats`], [`StatsSummary`]) that a Rust client can read
 //! back, and the crates whose types appear in the API are re-exported ([`opentelemetry`][otel],
@@ -232,9 +234,9 @@ mod telemetry;
 pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{
-    Endpoint, DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_MAX_CONCURRENT_SCRAPES,
-    DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_RATE_LIMIT,
-    DEFAULT_STATS_REUSE_WINDOW,
+    Endpoint, DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_JOB_DEADLINE,
+    DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES,
+    DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use jemalloc::{

@@ -499,6 +499,55 @@ mod with_the_feature {
         drop((held, grown));
     }
 
+    /// The growth windows' threads of this process (Linux shows the first 15 bytes of
+    /// `jemalloc-heap-growth`).
+    #[cfg(target_os = "linux")]
+    fn growth_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == "jemalloc-heap-g")
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_hung_up_growth_window_frees_its_slot_at_once() {
+        let mut service = layer(JemallocLayer::builder());
+        let _turn = turn(&mut service).await;
+        put(&mut service, "active=true").await;
+
+        let window = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request("GET", "/debug/pprof/heap?seconds=300"));
+        let refused = send(&mut service, request("GET", "/debug/pprof/heap?seconds=1")).await;
+        assert_eq!(refused.status, StatusCode::CONFLICT, "the window runs");
+
+        // The client hangs up: its response future is dropped. The next window is accepted at
+        // once, not 300 s later.
+        drop(window);
+        let answer = send(&mut service, request("GET", "/debug/pprof/heap?seconds=1")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        assert_eq!(
+            answer.header("content-type"),
+            Some("application/octet-stream")
+        );
+
+        // The abandoned window stopped too, rather than wait out its 300 s.
+        #[cfg(target_os = "linux")]
+        {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while growth_threads() > 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "an abandoned growth window still runs"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_dump_over_the_cap_is_refused_naming_it() {
         let mut service = layer(JemallocLayer::builder().heap_profile_max_bytes(100));

@@ -28,9 +28,13 @@
 //! Order of checks after admission: parameters (400), jemalloc availability (501/503), a
 //! change already running (409), the values (400); then the change is made, on a thread of its
 //! own (starting background threads and walking every arena is blocking work).
+//!
+//! A request waits for its read or change at most the builder's `job_deadline` (default 30 s):
+//! past it, a 503 naming the job and how long it has run. A read that is still running is
+//! joined by later reads; a change that is still running makes others 409.
 
 use super::handler::{Context, Handler};
-use super::job::{Flight, Job, Runner};
+use super::job::{Flight, Job, JobKind, Runner};
 use super::query::{self, Query};
 use super::response::{self, Answer};
 use crate::jemalloc::tuning::{
@@ -49,6 +53,8 @@ use std::time::Duration;
 pub(crate) struct Config {
     /// Reads share one job at a time.
     reads: Arc<Flight<Configured>>,
+    /// Where changes run.
+    changer: Runner,
     /// `jemalloc.config.changes` (attribute `setting`), exported as
     /// `…_jemalloc_config_changes_total`: the settings written by successful changes.
     changes: Counter<u64>,
@@ -90,7 +96,11 @@ impl Handler for Config {
             changes.add(0, &[KeyValue::new("setting", setting.name())]);
         }
         Self {
-            reads: Arc::new(Flight::new(Duration::ZERO)),
+            reads: Arc::new(Flight::new(
+                context.runner(JobKind::ConfigRead),
+                Duration::ZERO,
+            )),
+            changer: context.runner(JobKind::ConfigChange),
             changes,
         }
     }
@@ -121,9 +131,7 @@ impl Handler for Config {
         match *request {
             Request::Read { .. } => self
                 .reads
-                .join_or_start(Runner::OffWorkers("jemalloc-config"), move || {
-                    Configured::Read(tuning::read(ctl))
-                }),
+                .join_or_start(move || Configured::Read(tuning::read(ctl))),
             Request::Change(change) => {
                 let Some(guard) = ChangeGuard::acquire() else {
                     return Err(response::text(
@@ -133,7 +141,7 @@ impl Handler for Config {
                     ));
                 };
                 let changes = self.changes.clone();
-                Job::spawn(Runner::NewThread("jemalloc-config"), move || {
+                Job::spawn(&self.changer, move || {
                     let result = guard.apply(ctl, &change);
                     if result.is_ok() {
                         for setting in change.settings() {

@@ -1,7 +1,7 @@
 //! [`Handler`]: the steps of one endpoint, and the pipeline that runs them in order after
 //! admission (parameters, availability and start, answer).
 
-use super::job::Job;
+use super::job::{Job, JobKind, JobTelemetry, Runner};
 use super::query::Query;
 use super::response::{Answer, Reply};
 use super::settings::Settings;
@@ -52,6 +52,15 @@ pub(crate) struct Context<'a> {
     pub(crate) settings: &'a Settings,
     /// The [`Handler::ZERO_HISTOGRAMS`] of every endpoint the layer serves.
     pub(crate) zero_histograms: &'a [ZeroHistogram],
+    /// The layer's telemetry of its jobs, shared by every endpoint.
+    pub(crate) jobs: &'a JobTelemetry,
+}
+
+impl Context<'_> {
+    /// Where the jobs of `kind` run, with the layer's job deadline.
+    pub(crate) fn runner(&self, kind: JobKind) -> Runner {
+        Runner::new(kind, self.settings.job_deadline, self.jobs)
+    }
 }
 
 /// The pipeline after admission, for one kind of handler.

@@ -25,13 +25,24 @@
 //! is removed before it is read; a dump over the cap (default 64 MiB,
 //! `heap_profile_max_bytes`) is not read (500 naming the cap).
 //!
+//! Deadlines and abandoned windows: a request waits for a live profile at most the builder's
+//! `job_deadline` (default 30 s), for a growth window N seconds more; past it, a 503 naming
+//! the job and how long it has run. A growth window belongs to the request that asked for it:
+//! when that request goes away (the client hung up, its response future was dropped), the
+//! window is abandoned and its slot freed at once, so the next `?seconds=N` is accepted. The
+//! abandoned window's thread stops at once when it is waiting; taking its first dump, it
+//! finishes that dump and stops without the second (the next window may overlap it for that
+//! one dump); past its wait, it finishes its profile for nobody. A window whose request timed
+//! out keeps the slot until its thread ends: it may be stuck, and a second must not start
+//! beside it.
+//!
 //! Order of checks after admission: parameters (an unknown or repeated name, a bad format or
 //! seconds: 400), jemalloc and its profiler (501/503/409), a growth window already running
 //! (409). The parameters are checked first, so a bad request gets its 400 whether or not the
 //! profiler is there.
 
 use super::handler::{Context, Handler};
-use super::job::{Flight, Job, Runner};
+use super::job::{Flight, Job, JobKind, Runner};
 use super::query::{self, Query};
 use super::response::{self, Answer};
 use crate::jemalloc::profiling::{self, ProfileFormat, ProfilingError};
@@ -62,6 +73,8 @@ pub(crate) struct Heap {
     live: [Arc<Flight<Profiled>>; 2],
     /// When the growth window in progress ends, if one runs.
     growth: Arc<Mutex<Option<Instant>>>,
+    /// Where growth windows run.
+    growth_runner: Runner,
     telemetry: ProfileTelemetry,
 }
 
@@ -85,8 +98,14 @@ impl Handler for Heap {
     fn new(context: &Context<'_>) -> Self {
         Self {
             max_bytes: context.settings.heap_profile_max_bytes,
-            live: [Flight::new(REUSE_WINDOW), Flight::new(REUSE_WINDOW)].map(Arc::new),
+            live: [(); 2].map(|()| {
+                Arc::new(Flight::new(
+                    context.runner(JobKind::HeapProfile),
+                    REUSE_WINDOW,
+                ))
+            }),
             growth: Arc::default(),
+            growth_runner: context.runner(JobKind::HeapGrowth),
             telemetry: ProfileTelemetry::new(context.meter),
         }
     }
@@ -131,16 +150,20 @@ impl Handler for Heap {
         profiling::ready(ACTIVATE).map_err(|e| response::profiling_error(&e))?;
         let (format, window, max_bytes) = (request.format, request.window, self.max_bytes);
         let telemetry = self.telemetry.clone();
-        let work = move || {
+        let work = move |wait: &dyn Fn(Duration) -> bool| {
             let started = Instant::now();
-            let profiled = profiling::heap_profile(format, window, max_bytes).map(Bytes::from);
+            let profiled =
+                profiling::heap_profile(format, window, max_bytes, wait).map(Bytes::from);
             let took = started.elapsed().saturating_sub(window.unwrap_or_default());
-            telemetry.record(format, took, &profiled);
+            // Nobody asks about an abandoned window: it is not a profile made.
+            if !matches!(profiled, Err(ProfilingError::Abandoned)) {
+                telemetry.record(format, took, &profiled);
+            }
             profiled
         };
         let Some(window) = window else {
             let flight = &self.live[format as usize];
-            return flight.join_or_start(Runner::OffWorkers("jemalloc-heap-profile"), work);
+            return flight.join_or_start(move || work(&|_| true));
         };
         let slot = GrowthSlot::acquire(&self.growth, window).map_err(|wait| {
             response::retry_after(
@@ -149,11 +172,12 @@ impl Handler for Heap {
                 "a heap growth profile is already being taken; retry when it has finished",
             )
         })?;
-        // The slot is released when the work ends, or is dropped unrun.
-        Job::spawn(Runner::OffWorkers("jemalloc-heap-growth"), move || {
-            let _slot = slot;
-            work()
-        })
+        // The slot is freed when the request leaves (answered, timed out or hung up), or, if
+        // it timed out, when the work ends.
+        let job = Job::spawn_for_waiters(&self.growth_runner, slot, move |waiters| {
+            work(&|window| waiters.wait(window))
+        })?;
+        Ok(job.waiting_longer(window))
     }
 
     fn answer(profiled: &Profiled, request: &Request) -> Answer {

@@ -18,18 +18,34 @@
 //! - **In-flight limit**: beyond the configured number of concurrent scrapes (default 1024), a
 //!   scrape gets a 503 with `Retry-After: 1` at once. Waiting on a shared render costs almost
 //!   nothing, so the limit only bounds the memory that waiting scrapes hold.
+//! - **Deadline**: a render can block (an observable callback of the application waiting on a
+//!   lock). A scrape waits at most Prometheus' `X-Prometheus-Scrape-Timeout-Seconds` minus
+//!   half a second (the margin of blackbox_exporter's `--timeout-offset`; at most half the
+//!   timeout), so that Prometheus receives the answer before it gives up; without the header,
+//!   the builder's `job_deadline` (default 30 s). Past it: 503 with `Retry-After` and a reason
+//!   naming the render and how long it has run. The render keeps its place: later scrapes join
+//!   it (and time out in turn), never a second render thread beside a stuck one, and the next
+//!   scrape after it ends renders afresh. A header that is not a positive number of seconds is
+//!   a 400; values above a day count as a day. Outside a tokio runtime the render runs inline
+//!   and no deadline applies.
 //!
 //! The query string is not read, nor checked: Prometheus's scrape `params` may add names of
 //! its own, even repeated ones, and they change nothing.
 //!
-//! Order of checks after admission: in-flight limit (503), then the render.
+//! A stuck render cannot report itself on `/metrics`: `…_jemalloc_layer_jobs_stuck` shows it
+//! on no collection of the same meter provider while a callback blocks.
+//! `…_jemalloc_layer_jobs_timeouts_total{job="metrics_render"}` counts the scrapes that timed
+//! out, on the first render that succeeds afterwards, and a warning is logged when it happens.
+//!
+//! Order of checks after admission: the scrape timeout header (400), in-flight limit (503),
+//! then the render.
 
 use super::handler::{Context, Handler};
-use super::job::{Flight, Job, Runner};
+use super::job::{Flight, Job, JobKind};
 use super::query::Query;
 use super::response::{self, Answer};
 use crate::telemetry::exposition::{Render, Renderer, CONTENT_TYPE};
-use http::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, VARY};
+use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, VARY};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
@@ -55,7 +71,20 @@ pub(crate) struct Scrape {
     gzip: bool,
     /// Whether the answer depends on `Accept-Encoding` (gzip is on).
     varies: bool,
+    /// How long it waits for the render, when Prometheus says.
+    deadline: Option<Duration>,
 }
+
+/// The header in which Prometheus sends its scrape timeout, in seconds (`10`, `0.5`).
+const SCRAPE_TIMEOUT: HeaderName = HeaderName::from_static("x-prometheus-scrape-timeout-seconds");
+
+/// How much sooner than Prometheus' timeout a scrape is answered, so that Prometheus receives
+/// the 503 (which has to cross the network) before it gives up: blackbox_exporter's default
+/// `--timeout-offset`. Never more than half the timeout.
+const SCRAPE_MARGIN: Duration = Duration::from_millis(500);
+
+/// The longest scrape timeout taken from the header; a larger one counts as this.
+const MAX_SCRAPE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 impl Handler for Metrics {
     const METHODS: &'static [Method] = &[Method::GET, Method::HEAD];
@@ -72,7 +101,10 @@ impl Handler for Metrics {
                 context.registry.clone(),
                 context.zero_histograms.to_vec(),
             )),
-            renders: Arc::new(Flight::new(settings.scrape_reuse_window)),
+            renders: Arc::new(Flight::new(
+                context.runner(JobKind::Render),
+                settings.scrape_reuse_window,
+            )),
             gzip: settings.gzip,
             limit: settings.max_concurrent_scrapes,
             in_flight: Arc::default(),
@@ -84,10 +116,11 @@ impl Handler for Metrics {
             head: parts.method == Method::HEAD,
             gzip: self.gzip && accepts_gzip(&parts.headers),
             varies: self.gzip,
+            deadline: scrape_deadline(&parts.headers)?,
         })
     }
 
-    fn start(&self, _: &Scrape) -> Result<Job<Rendered>, Answer> {
+    fn start(&self, scrape: &Scrape) -> Result<Job<Rendered>, Answer> {
         let Some(slot) = InFlight::acquire(&self.in_flight, self.limit) else {
             return Err(response::retry_after(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -100,22 +133,23 @@ impl Handler for Metrics {
         };
         let renderer = Arc::clone(&self.renderer);
         let gzip = self.gzip;
-        let job =
-            self.renders
-                .join_or_start(Runner::OffWorkers("jemalloc-metrics"), move || {
-                    // A collector the application registered may panic; the scrape still gets an
-                    // answer (500) and the next scrape starts a fresh render.
-                    let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        renderer.render()
-                    }))
+        let job = self.renders.join_or_start(move || {
+            // A collector the application registered may panic; the scrape still gets an
+            // answer (500) and the next scrape starts a fresh render.
+            let rendered =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| renderer.render()))
                     .unwrap_or_else(|_| Err("rendering the metrics panicked".to_owned()));
-                    // Compress here, off the workers, for every scrape that will want it.
-                    if let (Ok(render), true) = (&rendered, gzip) {
-                        render.gzip();
-                    }
-                    rendered
-                })?;
-        Ok(job.holding(slot))
+            // Compress here, off the workers, for every scrape that will want it.
+            if let (Ok(render), true) = (&rendered, gzip) {
+                render.gzip();
+            }
+            rendered
+        })?;
+        let job = job.holding(slot);
+        Ok(match scrape.deadline {
+            Some(deadline) => job.waiting_at_most(deadline),
+            None => job,
+        })
     }
 
     fn answer(rendered: &Rendered, scrape: &Scrape) -> Answer {
@@ -165,6 +199,33 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// How long a scrape waits for its render, from Prometheus' scrape timeout header: the
+/// timeout minus [`SCRAPE_MARGIN`], at least half of it. `None` without the header; a 400 when
+/// it is not a positive number of seconds.
+fn scrape_deadline(headers: &HeaderMap) -> Result<Option<Duration>, Answer> {
+    let Some(value) = headers.get(SCRAPE_TIMEOUT) else {
+        return Ok(None);
+    };
+    let timeout = value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .filter(|seconds| seconds.is_finite() && *seconds > 0.0)
+        .ok_or_else(|| {
+            response::text(
+                StatusCode::BAD_REQUEST,
+                format_args!(
+                    "X-Prometheus-Scrape-Timeout-Seconds must be a positive number of seconds, \
+                     got {value:?}"
+                ),
+            )
+        })?;
+    let timeout = Duration::try_from_secs_f64(timeout)
+        .unwrap_or(MAX_SCRAPE_TIMEOUT)
+        .min(MAX_SCRAPE_TIMEOUT);
+    Ok(Some(timeout.saturating_sub(SCRAPE_MARGIN).max(timeout / 2)))
 }
 
 /// Whether `Accept-Encoding` allows gzip: a `gzip` (or `x-gzip`) entry with a non-zero
@@ -222,6 +283,29 @@ mod tests {
         assert!(!accepts_gzip(&headers(&["*, gzip;q=0"])));
         assert!(!accepts_gzip(&headers(&["*;q=0"])));
         assert!(!accepts_gzip(&headers(&["gzip;q=bogus"])));
+    }
+
+    #[test]
+    fn the_scrape_deadline_comes_before_prometheus_gives_up() {
+        let deadline = |value: &str| {
+            let mut map = HeaderMap::new();
+            map.insert(SCRAPE_TIMEOUT, HeaderValue::from_str(value).unwrap());
+            scrape_deadline(&map)
+        };
+        let ms = |ms| Some(Some(Duration::from_millis(ms)));
+        assert!(matches!(scrape_deadline(&HeaderMap::new()), Ok(None)));
+        assert_eq!(deadline("10").ok(), ms(9_500));
+        assert_eq!(deadline("1").ok(), ms(500));
+        assert_eq!(deadline("0.5").ok(), ms(250));
+        assert_eq!(deadline(" 2.5 ").ok(), ms(2_000));
+        assert_eq!(
+            deadline("1e300").ok(),
+            Some(Some(MAX_SCRAPE_TIMEOUT - SCRAPE_MARGIN))
+        );
+        for bad in ["0", "-1", "", "ten", "NaN", "inf", "1s"] {
+            let refusal = deadline(bad).expect_err(bad);
+            assert_eq!(refusal.status(), StatusCode::BAD_REQUEST, "{bad:?}");
+        }
     }
 
     #[test]

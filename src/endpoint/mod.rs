@@ -13,7 +13,8 @@
 //!    `Retry-After`), then the job starts off the async workers or joins the one in progress,
 //!    [`Handler::start`];
 //! 4. **answer**, when the job reports, [`Handler::answer`]; a job that ended without a result
-//!    gets the one fallback, a 500 naming the endpoint.
+//!    gets the one fallback, a 500 naming the endpoint, and a request whose deadline passes
+//!    first gets a 503 naming the job and how long it has run (`job`'s "Deadlines").
 //!
 //! An endpoint is one file with a [`Handler`] and one line in the `endpoints!` table below.
 
@@ -35,15 +36,18 @@ mod request_body;
 mod response;
 mod settings;
 mod stats;
+mod timer;
 
 pub(crate) use access::{validate_token, Access, Predicate};
 pub(crate) use handler::Context;
+pub(crate) use job::JobTelemetry;
 pub(crate) use request_body::{discard, MAX_DISCARDED_BODY};
 pub(crate) use response::Reply;
 pub(crate) use settings::Settings;
 pub use settings::{
-    DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_PURGE_COOLDOWN,
-    DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
+    DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_JOB_DEADLINE, DEFAULT_MAX_CONCURRENT_SCRAPES,
+    DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_RATE_LIMIT,
+    DEFAULT_STATS_REUSE_WINDOW,
 };
 
 use crate::telemetry::exposition::ZeroHistogram;

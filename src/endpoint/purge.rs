@@ -6,12 +6,16 @@
 //! a queue), and after a purge the endpoint refuses others for a cooldown (429 with
 //! `Retry-After`). `?mode=decay` asks for the gentler `arena.<all>.decay`.
 //!
+//! A request waits for its purge at least 5 minutes (the builder's `job_deadline` if longer):
+//! past it, a 503 naming how long the purge has run. The purge itself cannot be stopped: it
+//! runs on, and other purges get 409 until it ends.
+//!
 //! Order of checks after admission: parameters (an unknown or repeated name, a bad mode: 400),
 //! jemalloc availability (501/503), a purge already running (409), the cooldown (429); then
 //! the purge runs.
 
 use super::handler::{Context, Handler};
-use super::job::{Job, Runner};
+use super::job::{Job, JobKind, Runner};
 use super::query::Query;
 use super::response::{self, Answer};
 use crate::jemalloc::purge::PurgeGuard;
@@ -28,6 +32,8 @@ pub(crate) struct Purge {
     /// Minimum time from the end of one purge to the start of the next; zero disables.
     cooldown: Duration,
     telemetry: PurgeTelemetry,
+    /// Where purges run; a request waits at least 5 minutes for one.
+    runner: Runner,
 }
 
 type Purged = Result<PurgeReport, JemallocError>;
@@ -44,6 +50,7 @@ impl Handler for Purge {
         Self {
             cooldown: context.settings.purge_cooldown,
             telemetry: PurgeTelemetry::new(context.meter),
+            runner: context.runner(JobKind::Purge),
         }
     }
 
@@ -85,7 +92,7 @@ impl Handler for Purge {
         let telemetry = self.telemetry.clone();
         // If the thread cannot start, the closure and the guard with it are dropped: the slot
         // is free again.
-        Job::spawn(Runner::NewThread("jemalloc-purge"), move || {
+        Job::spawn(&self.runner, move || {
             let result = guard.run(ctl, mode);
             telemetry.record(mode, &result);
             result
@@ -202,11 +209,14 @@ impl PurgeTelemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::JobTelemetry;
 
     fn mode(query: &str) -> Result<PurgeMode, String> {
+        let meter = opentelemetry::global::meter("test");
         let purge = Purge {
             cooldown: Duration::ZERO,
-            telemetry: PurgeTelemetry::new(&opentelemetry::global::meter("test")),
+            telemetry: PurgeTelemetry::new(&meter),
+            runner: Runner::new(JobKind::Purge, Duration::ZERO, &JobTelemetry::new(&meter)),
         };
         let parts = http::Request::post(format!("/debug/jemalloc/purge?{query}"))
             .body(())

@@ -126,7 +126,8 @@ pub(crate) fn profiling_error(error: &ProfilingError) -> Answer {
         ProfilingError::NotCompiled => StatusCode::NOT_IMPLEMENTED,
         ProfilingError::NotStarted => StatusCode::SERVICE_UNAVAILABLE,
         ProfilingError::Inactive(_) => StatusCode::CONFLICT,
-        ProfilingError::TooLarge { .. } | ProfilingError::Failed(_) => {
+        // Nobody waits for an abandoned window: it is never answered.
+        ProfilingError::TooLarge { .. } | ProfilingError::Failed(_) | ProfilingError::Abandoned => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     };

@@ -25,6 +25,12 @@ pub const DEFAULT_STATS_REUSE_WINDOW: Duration = Duration::from_secs(1);
 /// The default cap on the size of a jemalloc heap dump (before it is converted).
 pub const DEFAULT_HEAP_PROFILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
+/// The default time a request waits for the job that answers it (a render, a dump, a config
+/// change, a live heap profile) before a 503 saying the job is stuck. A `/metrics` scrape
+/// that carries Prometheus' `X-Prometheus-Scrape-Timeout-Seconds` waits by that instead; a
+/// heap growth window waits this long after its window; a purge waits at least 5 minutes.
+pub const DEFAULT_JOB_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The endpoints' own settings.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -46,6 +52,8 @@ pub(crate) struct Settings {
     pub(crate) per_arena_metrics: bool,
     /// The largest jemalloc heap dump read.
     pub(crate) heap_profile_max_bytes: u64,
+    /// How long a request waits for its job unless its endpoint says otherwise.
+    pub(crate) job_deadline: Duration,
 }
 
 impl Default for Settings {
@@ -60,6 +68,7 @@ impl Default for Settings {
             stats_rate_limit: DEFAULT_STATS_RATE_LIMIT,
             per_arena_metrics: false,
             heap_profile_max_bytes: DEFAULT_HEAP_PROFILE_MAX_BYTES,
+            job_deadline: DEFAULT_JOB_DEADLINE,
         }
     }
 }

@@ -20,11 +20,15 @@
 //! 429 with `Retry-After`. Serving dumps of a few MiB by the thousand would take the CPU and
 //! bandwidth of the application and of `/metrics`.
 //!
+//! A request waits for its dump at most the builder's `job_deadline` (default 30 s): past it,
+//! a 503 naming the dump and how long it has run; the dump keeps its place, so later requests
+//! join it rather than start another.
+//!
 //! Order of checks after admission: parameters (an unknown or repeated name, a bad format:
 //! 400), jemalloc availability (501/503), rate (429).
 
 use super::handler::{Context, Handler};
-use super::job::{Flight, Job, Runner};
+use super::job::{Flight, Job, JobKind};
 use super::query::Query;
 use super::rate::Rate;
 use super::response::{self, Answer};
@@ -120,8 +124,8 @@ impl Handler for Stats {
         }
         Self {
             max_bytes: context.settings.stats_max_bytes,
-            json: Arc::new(Flight::new(window)),
-            text: Arc::new(Flight::new(window)),
+            json: Arc::new(Flight::new(context.runner(JobKind::StatsDump), window)),
+            text: Arc::new(Flight::new(context.runner(JobKind::StatsDump), window)),
             dumps,
             rate: Rate::new(context.settings.stats_rate_limit),
         }
@@ -174,7 +178,7 @@ impl Handler for Stats {
                 ),
             )
         })?;
-        flight.join_or_start(Runner::OffWorkers("jemalloc-stats"), move || {
+        flight.join_or_start(move || {
             dumps.add(1, &[format.attribute()]);
             let dumped = match format {
                 Format::Json => json_dump(ctl, max_bytes),

@@ -101,6 +101,9 @@ pub(crate) enum ProfilingError {
     /// The dump could not be read or converted.
     #[error("the heap profile could not be made: {0}")]
     Failed(String),
+    /// A growth window was given up before it ended: nobody waits for it any more.
+    #[error("the heap growth window was abandoned: nobody waits for it any more")]
+    Abandoned,
 }
 
 /// The answer formats of a heap profile.
@@ -353,18 +356,22 @@ mod imp {
 
     /// The live heap now (`window` `None`), or its growth over `window`, in `format`.
     /// Blocks (for the window, and for the dump and its symbolization): run it off the async
-    /// workers.
+    /// workers. `wait` waits the window out, and says `false` when it was given up meanwhile:
+    /// the profile is then [`ProfilingError::Abandoned`], without the second dump.
     pub(crate) fn heap_profile(
         format: ProfileFormat,
         window: Option<Duration>,
         cap: u64,
+        wait: impl FnOnce(Duration) -> bool,
     ) -> Result<Vec<u8>, ProfilingError> {
         let ctl = started()?;
         let profile = match window {
             None => dump(ctl, cap)?,
             Some(window) => {
                 let start = dump(ctl, cap)?;
-                std::thread::sleep(window);
+                if !wait(window) {
+                    return Err(ProfilingError::Abandoned);
+                }
                 growth(start, dump(ctl, cap)?)
             }
         };
@@ -589,6 +596,7 @@ mod imp {
         _: ProfileFormat,
         _: Option<Duration>,
         _: u64,
+        _: impl FnOnce(Duration) -> bool,
     ) -> Result<Vec<u8>, ProfilingError> {
         Err(not_compiled())
     }
