@@ -414,10 +414,13 @@ mod with_the_feature {
                 && s.value == 1.0));
     }
 
+    /// The temporary files named as the dump's are (`tempfile`'s `.tmp` prefix): other
+    /// programs (a compiler, say) may come and go in the same directory meanwhile.
     fn temp_files() -> std::collections::BTreeSet<std::ffi::OsString> {
         std::fs::read_dir(std::env::temp_dir())
             .unwrap()
             .map(|entry| entry.unwrap().file_name())
+            .filter(|name| name.to_string_lossy().starts_with(".tmp"))
             .collect()
     }
 
