@@ -42,7 +42,7 @@ static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::
 /// until switched on (`PUT /debug/jemalloc/profiling?active=true`). `_rjem_` is the prefix
 /// tikv-jemallocator gives jemalloc's symbols.
 #[cfg(feature = "profiling")]
-#[export_name = "_rjem_malloc_conf"]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
 
 #[tokio::main]

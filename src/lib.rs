@@ -210,7 +210,7 @@ pub use endpoint::{
 pub use future::ResponseFuture;
 pub use jemalloc::{
     purge_all_arenas, ArenaDecay, BackgroundThread, ConfigUpdate, JemallocConfig, JemallocError,
-    JemallocStats, MallocConf, ProfilingChange, ProfilingStatus, PurgeError, PurgeMode,
+    JemallocStats, MallocConf, Profiler, ProfilingChange, ProfilingStatus, PurgeError, PurgeMode,
     PurgeReport, Ratios, StatsSummary, UnknownPurgeMode, MAX_DECAY_MS,
 };
 pub use layer::JemallocLayer;

@@ -17,11 +17,12 @@ pub(crate) const LG_SAMPLE_RANGE: std::ops::RangeInclusive<u32> = 12..=30;
 /// The longest `for=` a switch-on may have: profiling left on by accident is what it prevents.
 pub(crate) const MAX_ACTIVE_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// How to start jemalloc with its profiler, for the answers that say it is not.
-pub(crate) const HOW_TO_START: &str = "start the process with the environment variable \
-     _RJEM_MALLOC_CONF=prof:true,prof_active:false, or build the options into the binary: \
-     #[export_name = \"_rjem_malloc_conf\"] static MALLOC_CONF: &[u8] = \
-     b\"prof:true,prof_active:false\\0\";";
+/// How to start jemalloc with its profiler, for the answers that say it is not: the
+/// environment variable and the built-in options under this build's names (prefixed or not,
+/// see [`OptionNames`](super::options::OptionNames)), available and not yet sampling.
+pub(crate) fn how_to_start() -> String {
+    super::options::OptionNames::of_this_build().how_to_set("prof:true,prof_active:false")
+}
 
 /// The state of jemalloc's heap profiler: the JSON of `GET /debug/jemalloc/profiling`, and the
 /// `before` and `after` of a `PUT`.
@@ -81,7 +82,10 @@ pub(crate) enum ProfilingError {
     )]
     NotCompiled,
     /// Compiled in, but jemalloc was started without `prof:true`.
-    #[error("jemalloc was started without its heap profiler (opt.prof is false): {HOW_TO_START}")]
+    #[error(
+        "jemalloc was started without its heap profiler (opt.prof is false): {}",
+        how_to_start()
+    )]
     NotStarted,
     /// Started, but not sampling.
     #[error("heap profiling is inactive, so no profile is being taken: activate it with {0}")]
@@ -131,7 +135,7 @@ pub(crate) use imp::{heap_profile, ready, set_active, set_sampling, status};
 
 #[cfg(profiling)]
 mod imp {
-    use super::{ProfileFormat, ProfilingError, ProfilingStatus, HOW_TO_START, MAX_ACTIVE_FOR};
+    use super::{how_to_start, ProfileFormat, ProfilingError, ProfilingStatus, MAX_ACTIVE_FOR};
     use crate::jemalloc::ctl::{ctl, Ctl};
     use pprof_util::{FlamegraphOptions, StackProfile, WeightedStack};
     use std::collections::HashMap;
@@ -167,7 +171,7 @@ mod imp {
                 lg_sample: None,
                 sample_interval_bytes: None,
                 switches_off_in_seconds: None,
-                how_to_enable: Some(HOW_TO_START.to_owned()),
+                how_to_enable: Some(how_to_start()),
             });
         }
         let lg_sample = ctl.prof_lg_sample()?;
