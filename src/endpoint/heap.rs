@@ -16,6 +16,10 @@
 //! saying how to activate it, rather than a profile of samples that are no longer being
 //! taken. jemalloc not the global allocator: 503, as for the other endpoints.
 //!
+//! Its metrics (`…_jemalloc_heap_profiles_total`, `…_jemalloc_heap_profile_duration_seconds`)
+//! are registered only in builds with the profiler: a build that answers 501 has nothing to
+//! count, and a family that can only read zero would suggest a feature it does not have.
+//!
 //! Bounded like the stats dump: a dump runs on a thread of its own, off the async workers; at
 //! most one live dump per format runs at a time, requests that arrive meanwhile share it, and
 //! a finished one answers new requests for one second, so a flood costs at most one dump per
@@ -59,7 +63,9 @@ pub(crate) struct Heap {
     live: [Arc<Flight<Profiled>>; 2],
     /// When the growth window in progress ends, if one runs.
     growth: Arc<Mutex<Option<Instant>>>,
-    telemetry: ProfileTelemetry,
+    /// `None` in builds without the profiler: they answer 501 and export no heap profile
+    /// metrics, which would only ever read zero.
+    telemetry: Option<ProfileTelemetry>,
 }
 
 /// A finished profile, or why there is none.
@@ -75,7 +81,11 @@ impl Handler for Heap {
     const METHODS: &'static [Method] = &[Method::GET];
     const ALLOW: &'static str = "GET";
     const PARAMS: Option<&'static [&'static str]> = Some(&["format", "seconds"]);
-    const ZERO_HISTOGRAMS: &'static [ZeroHistogram] = &[DURATION_AT_ZERO];
+    const ZERO_HISTOGRAMS: &'static [ZeroHistogram] = if cfg!(profiling) {
+        &[DURATION_AT_ZERO]
+    } else {
+        &[]
+    };
     type Params = Request;
     type Output = Profiled;
 
@@ -84,7 +94,7 @@ impl Handler for Heap {
             max_bytes: context.settings.heap_profile_max_bytes,
             live: [Flight::new(REUSE_WINDOW), Flight::new(REUSE_WINDOW)].map(Arc::new),
             growth: Arc::default(),
-            telemetry: ProfileTelemetry::new(context.meter),
+            telemetry: cfg!(profiling).then(|| ProfileTelemetry::new(context.meter)),
         }
     }
 
@@ -132,7 +142,9 @@ impl Handler for Heap {
             let started = Instant::now();
             let profiled = profiling::heap_profile(format, window, max_bytes).map(Bytes::from);
             let took = started.elapsed().saturating_sub(window.unwrap_or_default());
-            telemetry.record(format, took, &profiled);
+            if let Some(telemetry) = &telemetry {
+                telemetry.record(format, took, &profiled);
+            }
             profiled
         };
         let Some(window) = window else {
