@@ -668,7 +668,6 @@ mod unsupported {
             match *self {}
         }
         pub(crate) fn settings(&self) -> Result<Settings, JemallocError> {
-            let config_prof = b"config.prof\0".name().read().map_err(err("config.prof"))?;
             match *self {}
         }
         pub(crate) fn background_thread_limit(&self) -> Result<u64, JemallocError> {

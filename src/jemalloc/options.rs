@@ -126,6 +126,12 @@ pub(crate) fn built_in() -> Option<String> {
     })
 }
 
+/// Builds without jemalloc have no `malloc_conf` to read.
+#[cfg(not(jemalloc))]
+pub(crate) fn built_in() -> Option<String> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
