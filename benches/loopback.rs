@@ -28,7 +28,7 @@ static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::
 
 /// With the profiling feature: the profiler available, inactive until a scenario switches it.
 #[cfg(feature = "profiling")]
-#[export_name = "_rjem_malloc_conf"]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
 
 #[cfg(feature = "profiling")]

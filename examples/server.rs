@@ -20,6 +20,12 @@
 //! curl -s -o heap.svg 'localhost:9070/debug/pprof/heap?format=flamegraph'
 //! curl -s -X DELETE localhost:9070/demo/leak
 //! ```
+//!
+//! Safe to start anywhere: on a loopback address (the default) everything answers this
+//! machine only; on any other address it needs a token (`--purge-token` or `PURGE_TOKEN`),
+//! which the debug endpoints then require, and the `/demo/*` routes (up to 4 GiB allocated per
+//! request) still answer only loopback peers and requests that carry the token. Its output
+//! never panics: piped into `head` or closed, the server keeps serving.
 
 use axum::extract::RawQuery;
 use axum::http::{header, StatusCode};
@@ -35,49 +41,74 @@ use tower_jemalloc::JemallocStats;
 #[path = "common/mod.rs"]
 mod common;
 
+use common::loopback::{loopback_or_token, LoopbackOrToken};
+
 #[global_allocator]
 static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::Jemalloc;
 
 /// jemalloc's options, read once when it starts: its heap profiler available, not sampling
 /// until switched on (`PUT /debug/jemalloc/profiling?active=true`). `_rjem_` is the prefix
-/// tikv-jemallocator gives jemalloc's symbols.
+/// tikv-jemallocator gives jemalloc's symbols (this crate's build never switches on its
+/// unprefixed feature, under which the symbol would be `malloc_conf`); `unsafe(…)` is
+/// required from edition 2024 and accepted before.
 #[cfg(feature = "profiling")]
-#[export_name = "_rjem_malloc_conf"]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
+
+/// The routes that allocate on request, named in the guard's answers.
+const DEMO_ROUTES: &str = "the /demo/* routes (churn, leak)";
 
 #[tokio::main]
 async fn main() {
-    let args = common::parse("server", 9070, &[]);
+    let notes = "The /demo/* routes allocate up to 4 GiB a request: they answer loopback peers\n\
+                 only, and other peers only with Authorization: Bearer TOKEN when the server\n\
+                 has a token (--purge-token or PURGE_TOKEN).";
+    let args = common::parse_with_notes("server", 9070, &[], notes);
 
     let layer = args.layer();
+    let guard = LoopbackOrToken::new(DEMO_ROUTES, args.purge_token.as_deref());
 
+    let demo = Router::new()
+        .route("/demo/churn", post(churn))
+        .with_state(Arc::new(Semaphore::new(1)))
+        .route("/demo/leak", post(leak).delete(release))
+        .with_state(Leaked::default())
+        .route_layer(axum::middleware::from_fn_with_state(
+            guard.clone(),
+            loopback_or_token,
+        ));
     let router = Router::new()
         .route(
             "/",
             get(|| async { "tower-jemalloc example server: try /metrics\n" }),
         )
-        .route("/demo/churn", post(churn))
-        .with_state(Arc::new(Semaphore::new(1)))
-        .route("/demo/leak", post(leak).delete(release))
-        .with_state(Leaked::default());
+        .merge(demo);
     // Wrap the whole router so /metrics answers whatever the routes are.
     let app = layer.layer(router);
 
     let listener = args.listen().await;
-    let addr = listener
+    let bound = listener
         .local_addr()
         .expect("bound listener has an address");
-    println!("listening on http://{addr}");
-    println!("  curl -s http://{addr}/metrics | grep jemalloc");
-    println!("  curl -s -X POST 'http://{addr}/demo/churn?mib=512'");
-    println!("  {}", args.purge_command(addr));
+    let url = common::reachable(bound);
+    common::say(common::listening(bound));
+    common::say(format_args!(
+        "  curl -s http://{url}/metrics | grep jemalloc"
+    ));
+    common::say(format_args!(
+        "  curl -s -X POST 'http://{url}/demo/churn?mib=512'"
+    ));
+    common::say(format_args!("  {}", args.purge_command(bound)));
+    common::say(format_args!("  {}", guard.rule()));
     if cfg!(feature = "profiling") {
-        println!("  heap profiling is available, inactive: README, \"Find what holds the memory\"");
+        common::say(
+            "  heap profiling is available, inactive: README, \"Find what holds the memory\"",
+        );
     }
 
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
-        println!("shutting down");
+        common::say("shutting down");
     };
     // hyper-util rather than axum::serve, for its header-read timeout, an idle timeout and the
     // peer address as `ConnectInfo<SocketAddr>` (for an access predicate): common/serve.rs.

@@ -234,15 +234,15 @@ mod telemetry;
 pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{
-    Endpoint, DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_JOB_DEADLINE,
-    DEFAULT_MAX_CONCURRENT_SCRAPES, DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES,
-    DEFAULT_STATS_RATE_LIMIT, DEFAULT_STATS_REUSE_WINDOW,
+    Endpoint, DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_JOB_DEADLINE, DEFAULT_MAX_CONCURRENT_SCRAPES,
+    DEFAULT_PURGE_COOLDOWN, DEFAULT_STATS_MAX_BYTES, DEFAULT_STATS_RATE_LIMIT,
+    DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
 pub use jemalloc::{
     purge_all_arenas, ArenaDecay, BackgroundThread, ConfigUpdate, JemallocConfig, JemallocError,
-    JemallocStats, MallocConf, OsMemory, ProfilingChange, ProfilingStatus, PurgeError, PurgeMode,
-    PurgeReport, Ratios, StatsSummary, UnknownPurgeMode, MAX_DECAY_MS,
+    JemallocStats, MallocConf, OsMemory, Profiler, ProfilingChange, ProfilingStatus, PurgeError,
+    PurgeMode, PurgeReport, Ratios, StatsSummary, UnknownPurgeMode, MAX_DECAY_MS,
 };
 pub use layer::JemallocLayer;
 pub use service::JemallocService;

@@ -55,6 +55,16 @@ async fn stats_json_has_a_summary_and_jemallocs_dump() {
         tikv_jemalloc_ctl::arenas::narenas::read().unwrap()
     );
     assert!(summary["malloc_conf"]["compiled"].is_string());
+    // tikv-jemalloc-sys's default build: prefixed, so these are the names jemalloc reads.
+    assert_eq!(summary["malloc_conf"]["symbol"], "_rjem_malloc_conf");
+    assert_eq!(
+        summary["malloc_conf"]["environment_variable"],
+        "_RJEM_MALLOC_CONF"
+    );
+    assert_eq!(
+        summary["profiler"]["compiled_in"],
+        cfg!(feature = "profiling")
+    );
     for key in GAUGES {
         assert!(summary["stats"][key].is_u64(), "summary.stats.{key}");
     }
@@ -70,8 +80,14 @@ async fn stats_json_has_a_summary_and_jemallocs_dump() {
     assert!(
         hints
             .iter()
-            .any(|h| h.starts_with("Background threads are off")),
+            .any(|h| h.starts_with("Background threads are off")
+                && h.contains("PUT /debug/jemalloc/config?background_thread=true")
+                && h.contains("background_thread:true in _RJEM_MALLOC_CONF.")),
         "{hints:?}"
+    );
+    assert!(
+        hints.iter().all(|h| !h.contains(" MALLOC_CONF")),
+        "a prefixed build ignores MALLOC_CONF: {hints:?}"
     );
     assert_eq!(json["detail"], "full");
     // malloc_stats_print's own JSON, embedded as it is.

@@ -110,6 +110,37 @@ async fn no_namespace_gives_plain_names() {
     }
 }
 
+/// The heap profile endpoint answers 501 without the `profiling` feature: no profiling family
+/// may suggest otherwise. With it, the heap profile counter and histogram are there from the
+/// first scrape.
+#[tokio::test]
+async fn profiling_families_only_in_a_build_with_the_profiler() {
+    let _serial = EPOCH.lock().unwrap_or_else(|e| e.into_inner());
+    let layer = JemallocLayer::builder()
+        .allow_anonymous(tower_jemalloc::Endpoint::Purge)
+        .build()
+        .unwrap();
+    let exposition = scrape(&layer).await;
+    let families: Vec<&str> = exposition
+        .types
+        .keys()
+        .map(String::as_str)
+        .chain(exposition.samples.iter().map(|s| s.name.as_str()))
+        .collect();
+    let heap_profile = |name: &&str| name.starts_with("jemalloc_heap_profile");
+    if cfg!(feature = "profiling") {
+        assert!(families.iter().any(heap_profile), "{families:?}");
+    } else {
+        assert!(!families.iter().any(heap_profile), "{families:?}");
+        assert!(
+            !families
+                .iter()
+                .any(|name| name.starts_with("jemalloc_profiling")),
+            "{families:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn one_epoch_advance_per_scrape() {
     let _serial = EPOCH.lock().unwrap_or_else(|e| e.into_inner());

@@ -20,7 +20,7 @@ static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::
 
 /// The profiler available and inactive, as the README tells users to start it.
 #[cfg(feature = "profiling")]
-#[export_name = "_rjem_malloc_conf"]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
 
 const HEAP: &str = "/debug/pprof/heap";
@@ -353,6 +353,31 @@ mod with_the_feature {
         }
     }
 
+    /// The stats summary reports what this test binary builds in: the profiler compiled in,
+    /// started, inactive, at the default interval, from the options of `MALLOC_CONF` above.
+    #[tokio::test]
+    async fn the_summary_reports_the_profilers_build_and_options() {
+        let mut service = layer(JemallocLayer::builder());
+        let answer = send(&mut service, request("GET", "/debug/jemalloc/stats")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        let summary = &answer.json()["summary"];
+        assert_eq!(
+            summary["profiler"],
+            serde_json::json!({
+                "compiled_in": true, "started": true, "active_at_start": false, "lg_sample": 19
+            })
+        );
+        let malloc_conf = &summary["malloc_conf"];
+        assert_eq!(malloc_conf["built_in"], "prof:true,prof_active:false");
+        assert_eq!(malloc_conf["symbol"], "_rjem_malloc_conf");
+        assert_eq!(malloc_conf["environment_variable"], "_RJEM_MALLOC_CONF");
+        assert!(
+            !summary["hints"].to_string().contains("heap profiler"),
+            "{}",
+            summary["hints"]
+        );
+    }
+
     #[tokio::test]
     async fn the_live_heap_names_what_holds_the_memory() {
         let mut service = layer(JemallocLayer::builder());
@@ -386,8 +411,19 @@ mod with_the_feature {
         .await;
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.header("content-type"), Some("image/svg+xml"));
-        assert!(answer.text().starts_with("<?xml"), "an SVG document");
-        assert!(answer.text().contains("held_before_the_window"));
+        let svg = answer.text();
+        assert!(svg.starts_with("<?xml"), "an SVG document");
+        assert!(svg.contains("held_before_the_window"));
+        // The allocator's frames are cut as drop_frames cuts them in pprof: the graph's
+        // leaves are the code that allocated.
+        for allocator in [
+            "prof_backtrace_impl",
+            "_rjem_je_prof_backtrace",
+            "_rjem_",
+            "__rust_alloc",
+        ] {
+            assert!(!svg.contains(allocator), "{allocator} in the flame graph");
+        }
         drop(held);
 
         // jemalloc's dump files are gone.
@@ -612,8 +648,24 @@ mod with_the_feature {
                 assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
                 let reason = answer.text();
                 assert!(reason.contains("_RJEM_MALLOC_CONF=prof:true"), "{reason}");
-                assert!(reason.contains("_rjem_malloc_conf"), "{reason}");
+                assert!(
+                    reason.contains(
+                        r#"#[unsafe(export_name = "_rjem_malloc_conf")] pub static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";"#
+                    ),
+                    "{reason}"
+                );
             }
+            // The summary says so too, with the environment's options and the same advice.
+            let stats = send(&mut service, request("GET", "/debug/jemalloc/stats")).await;
+            let summary = &stats.json()["summary"];
+            assert_eq!(summary["profiler"]["started"], false);
+            assert_eq!(summary["malloc_conf"]["environment"], "prof:false");
+            let hints = summary["hints"].to_string();
+            assert!(
+                hints.contains("heap profiler is compiled in but was not started")
+                    && hints.contains("_RJEM_MALLOC_CONF=prof:true,prof_active:false"),
+                "{hints}"
+            );
             // No gauges for a profiler that is not there.
             let metrics = send(&mut service, request("GET", "/metrics")).await;
             assert!(!metrics.text().contains("jemalloc_profiling_active"));

@@ -1,8 +1,13 @@
 //! The layer in front of an axum application served by `axum::serve` on a real loopback
-//! socket, hit with a real HTTP client.
+//! socket, hit with a real HTTP client; and the example server's own code (its `/demo/*`
+//! guard, its refusal to start unguarded, its banner and its output), from `examples/common`.
 #![cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 
 mod common;
+
+/// The examples' shared code, as the example server runs it.
+#[path = "../examples/common/mod.rs"]
+mod example;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -174,4 +179,167 @@ async fn a_stats_get_with_a_1_mb_body_gets_the_whole_answer() {
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
         assert!(answer.json()["stats"]["jemalloc"].is_object());
     }
+}
+
+/// The example server's `/demo/*` guard, with a stand-in route and the peer address set as
+/// `serve.rs` sets it (no traffic leaves loopback: the requests go through `oneshot`).
+#[tokio::test]
+async fn demo_routes_answer_loopback_peers_and_others_only_with_the_token() {
+    use axum::extract::ConnectInfo;
+    use example::loopback::{loopback_or_token, LoopbackOrToken};
+    use tower::ServiceExt;
+
+    let app = |token: Option<&str>| {
+        let guard = LoopbackOrToken::new("the /demo/* routes", token);
+        Router::new()
+            .route("/demo/churn", post(|| async { "churned" }))
+            .route_layer(axum::middleware::from_fn_with_state(
+                guard,
+                loopback_or_token,
+            ))
+    };
+    async fn call(
+        router: Router,
+        peer: Option<&str>,
+        authorization: Option<&str>,
+    ) -> (StatusCode, Option<http::HeaderValue>, String) {
+        let mut request = http::Request::builder().method("POST").uri("/demo/churn");
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        let mut request = request.body(axum::body::Body::empty()).unwrap();
+        if let Some(peer) = peer {
+            let peer: std::net::SocketAddr = peer.parse().unwrap();
+            request.extensions_mut().insert(ConnectInfo(peer));
+        }
+        let response = router.oneshot(request).await.unwrap();
+        let status = response.status();
+        let www_authenticate = response.headers().get("www-authenticate").cloned();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            www_authenticate,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    for token in [None, Some("s3cret")] {
+        for peer in ["127.0.0.1:50000", "[::1]:50000", "[::ffff:127.0.0.1]:50000"] {
+            let (status, _, body) = call(app(token), Some(peer), None).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::OK, "churned"),
+                "{peer}"
+            );
+        }
+    }
+
+    // No token: other peers (and requests without a known peer) are refused, saying why.
+    for peer in [Some("203.0.113.7:50000"), Some("[2001:db8::7]:50000"), None] {
+        let (status, _, body) = call(app(None), peer, Some("Bearer anything")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{peer:?}");
+        assert_eq!(
+            body,
+            "the /demo/* routes allocate up to 4 GiB: they answer loopback peers only, unless \
+             the server is given a token (--purge-token or PURGE_TOKEN) and the request \
+             carries it\n"
+        );
+    }
+
+    // A token: other peers need it.
+    let remote = Some("203.0.113.7:50000");
+    for sent in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer s3cre"),
+        Some("s3cret"),
+    ] {
+        let (status, www_authenticate, body) = call(app(Some("s3cret")), remote, sent).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{sent:?}");
+        assert_eq!(www_authenticate.unwrap(), "Bearer");
+        assert!(body.contains("Authorization: Bearer TOKEN"), "{body}");
+    }
+    let (status, _, body) = call(app(Some("s3cret")), remote, Some("Bearer s3cret")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "churned"));
+}
+
+/// On a non-loopback address without a token the example servers refuse to start, naming
+/// every endpoint a token would guard.
+#[test]
+fn the_refusal_to_start_names_every_guarded_endpoint() {
+    if std::env::var_os("PURGE_TOKEN").is_some() {
+        eprintln!("PURGE_TOKEN is set: the examples would start with it; nothing to check");
+        return;
+    }
+    let args =
+        |list: &[&str]| example::parse_from(list.iter().map(|a| a.to_string()), 9070, &[]).unwrap();
+    let refusal = args(&["--addr", "0.0.0.0:9070"]).refusal().unwrap();
+    for guarded in [
+        "purge (/debug/jemalloc/purge)",
+        "stats (/debug/jemalloc/stats)",
+        "config (/debug/jemalloc/config)",
+        "heap (/debug/pprof/heap)",
+        "profiling (/debug/jemalloc/profiling)",
+    ] {
+        assert!(refusal.contains(guarded), "{guarded} missing: {refusal}");
+    }
+    assert!(refusal.starts_with("0.0.0.0:9070 is not a loopback address"));
+    for endpoint in Endpoint::ALL.iter().filter(|e| **e != Endpoint::Metrics) {
+        assert!(refusal.contains(endpoint.default_path()), "{refusal}");
+    }
+    assert!(!refusal.contains("/metrics"), "{refusal}");
+    assert_eq!(args(&["--addr", "127.0.0.1:9070"]).refusal(), None);
+    assert_eq!(args(&["--addr", "[::1]:9070"]).refusal(), None);
+    assert_eq!(
+        args(&["--addr", "0.0.0.0:9070", "--purge-token", "t"]).refusal(),
+        None
+    );
+}
+
+/// The banner's URLs work from this machine: never `http://0.0.0.0:…` or `http://[::]:…`.
+#[test]
+fn banners_print_reachable_urls() {
+    let listening = example::listening("0.0.0.0:9070".parse().unwrap());
+    assert_eq!(
+        listening,
+        "listening on http://127.0.0.1:9070 (bound to 0.0.0.0:9070: every IPv4 address of this machine)"
+    );
+    let listening = example::listening("[::]:9070".parse().unwrap());
+    assert!(
+        listening.starts_with("listening on http://[::1]:9070 (bound to [::]:9070"),
+        "{listening}"
+    );
+    assert_eq!(
+        example::listening("127.0.0.1:9070".parse().unwrap()),
+        "listening on http://127.0.0.1:9070"
+    );
+    let args = example::parse_from(
+        ["--addr", "0.0.0.0:9070", "--purge-token", "t"]
+            .map(String::from)
+            .into_iter(),
+        9070,
+        &[],
+    )
+    .unwrap();
+    let purge = args.purge_command("0.0.0.0:9070".parse().unwrap());
+    assert!(
+        purge.ends_with(" http://127.0.0.1:9070/debug/jemalloc/purge"),
+        "{purge}"
+    );
+}
+
+/// Output to a closed pipe (the server piped into `head`) is dropped, not a panic.
+#[test]
+fn output_to_a_closed_pipe_does_not_panic() {
+    use std::io::Write;
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let err = writer.write_all(b"x\n").unwrap_err();
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::BrokenPipe,
+        "the pipe is closed"
+    );
+    example::say_to(&mut writer, "listening on http://127.0.0.1:9070");
+    example::say_to(&mut writer, format_args!("  {}", "shutting down"));
 }

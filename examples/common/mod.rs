@@ -1,12 +1,15 @@
 //! What every example shares: its flags (`--addr`, `--namespace`, `--purge-token` and the
-//! example's own), building the layer from them, and binding the listener. Included by each
-//! example with `#[path = "common/mod.rs"] mod common;`.
+//! example's own), building the layer from them, binding the listener, and printing without
+//! panicking. Included by each example with `#[path = "common/mod.rs"] mod common;`.
 #![allow(dead_code)]
 
+pub mod loopback;
 pub mod serve;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::fmt::Display;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder};
 
 /// An example-specific flag that takes a value: name (`--interval`), value name, help.
@@ -29,32 +32,39 @@ impl Args {
 
     /// A layer builder with the namespace and purge token from the command line.
     ///
-    /// The debug endpoints (purge, and stats, heap and profiling, which follow purge's rules)
-    /// are closed until they have an access rule. With a token they require it; without one
-    /// they are opened to anyone only when the example listens on a loopback address, where
+    /// The debug endpoints (purge, and stats, config, heap and profiling, which follow purge's
+    /// rules) are closed until they have an access rule. With a token they require it; without
+    /// one they are opened to anyone only when the example listens on a loopback address, where
     /// only this machine can reach them (and then answer only requests addressed to an IP or
     /// `localhost`, never a browser's cross-site write, so no website can use them through a
-    /// browser on this machine). On any other address without a token the example refuses to start.
+    /// browser on this machine). On any other address without a token the example refuses to
+    /// start ([`refusal`](Self::refusal)).
     pub fn builder(&self) -> JemallocLayerBuilder {
         let mut builder = JemallocLayer::builder();
         if let Some(namespace) = &self.namespace {
             builder = builder.namespace(namespace);
         }
+        if let Some(reason) = self.refusal() {
+            fail(2, reason);
+        }
         match &self.purge_token {
             Some(token) => builder = builder.bearer_token(Endpoint::Purge, token),
-            None if self.addr.ip().is_loopback() => {
-                builder = builder.allow_anonymous(Endpoint::Purge);
-            }
-            None => fail(
-                2,
-                format_args!(
-                    "{} is not a loopback address: set --purge-token TOKEN (or PURGE_TOKEN) so \
-                     that the purge and stats endpoints are not open to anyone who reaches it",
-                    self.addr
-                ),
-            ),
+            None => builder = builder.allow_anonymous(Endpoint::Purge),
         }
         builder
+    }
+
+    /// Why the example will not start with these arguments: a non-loopback address without a
+    /// token would open every debug endpoint to anyone who reaches it.
+    pub fn refusal(&self) -> Option<String> {
+        (self.purge_token.is_none() && !self.addr.ip().is_loopback()).then(|| {
+            format!(
+                "{} is not a loopback address: set --purge-token TOKEN (or PURGE_TOKEN) so that \
+                 the debug endpoints, {}, are not open to anyone who reaches it",
+                self.addr,
+                guarded_endpoints()
+            )
+        })
     }
 
     /// The layer from the command line, or exit 2 with the reason.
@@ -69,8 +79,10 @@ impl Args {
             .unwrap_or_else(|e| fail(1, format_args!("cannot listen on {}: {e}", self.addr)))
     }
 
-    /// The curl line for a purge, with the token header when one is required.
+    /// The curl line for a purge of the server bound to `addr`, with the token header when one
+    /// is required.
     pub fn purge_command(&self, addr: SocketAddr) -> String {
+        let addr = reachable(addr);
         match self.purge_token {
             Some(_) => format!(
                 "curl -s -X POST -H \"Authorization: Bearer $PURGE_TOKEN\" http://{addr}/debug/jemalloc/purge"
@@ -80,15 +92,68 @@ impl Args {
     }
 }
 
-/// Prints `error: …` and exits with `code`.
-pub fn fail(code: i32, message: impl std::fmt::Display) -> ! {
-    eprintln!("error: {message}");
+/// The endpoints an access rule guards (every one but `/metrics`), as `name (path)`.
+pub fn guarded_endpoints() -> String {
+    Endpoint::ALL
+        .iter()
+        .filter(|endpoint| **endpoint != Endpoint::Metrics)
+        .map(|endpoint| format!("{} ({})", endpoint.name(), endpoint.default_path()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The address to reach a server bound to `bound` at: the same, except that an unspecified
+/// address (`0.0.0.0`, `[::]`, every address of the machine) is reached through loopback.
+pub fn reachable(bound: SocketAddr) -> SocketAddr {
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, bound.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, bound.port()).into(),
+        _ => bound,
+    }
+}
+
+/// The first line an example prints: `listening on http://…` with a URL that works from this
+/// machine, and what it is bound to when that is every address.
+pub fn listening(bound: SocketAddr) -> String {
+    let url = reachable(bound);
+    if url == bound {
+        format!("listening on http://{url}")
+    } else {
+        let every = if bound.is_ipv4() { "IPv4" } else { "IPv6" };
+        format!(
+            "listening on http://{url} (bound to {bound}: every {every} address of this machine)"
+        )
+    }
+}
+
+/// Writes `text` and a newline to `out`, ignoring failure: an example whose output was piped
+/// into `head`, or closed, keeps serving instead of panicking as `println!` would on EPIPE.
+pub fn say_to(out: &mut impl Write, text: impl Display) {
+    let _ = writeln!(out, "{text}");
+}
+
+/// [`say_to`] standard output.
+pub fn say(text: impl Display) {
+    say_to(&mut std::io::stdout().lock(), text);
+}
+
+/// Prints `error: …` (standard error) and exits with `code`.
+pub fn fail(code: i32, message: impl Display) -> ! {
+    say_to(
+        &mut std::io::stderr().lock(),
+        format_args!("error: {message}"),
+    );
     std::process::exit(code)
 }
 
 /// Parses the process's arguments for example `program`, listening on 127.0.0.1:`port` by
 /// default. `--help` prints the usage and exits 0; a bad argument prints it and exits 2.
 pub fn parse(program: &str, port: u16, flags: &[Flag]) -> Args {
+    parse_with_notes(program, port, flags, "")
+}
+
+/// [`parse`], with `notes` (lines of the example's own) at the end of its usage.
+pub fn parse_with_notes(program: &str, port: u16, flags: &[Flag], notes: &str) -> Args {
     let mut usage =
         format!("usage: {program} [--addr HOST:PORT] [--namespace NAME] [--purge-token TOKEN]");
     for (name, value, _) in flags {
@@ -97,20 +162,29 @@ pub fn parse(program: &str, port: u16, flags: &[Flag]) -> Args {
     usage.push_str(&format!(
         "\n  --addr HOST:PORT     address to listen on, an IP or a host name (default 127.0.0.1:{port})\
          \n  --namespace NAME     prefix of every exported metric name (default: none)\
-         \n  --purge-token TOKEN  require `Authorization: Bearer TOKEN` on the purge and stats\
-         \n                       endpoints (default: the PURGE_TOKEN environment variable;\
-         \n                       unset: open on a loopback address, refused on any other)"
+         \n  --purge-token TOKEN  require `Authorization: Bearer TOKEN` on the debug endpoints\
+         \n                       ({})\
+         \n                       (default: the PURGE_TOKEN environment variable; unset: they\
+         \n                       are open on a loopback address, and refused on any other)",
+        Endpoint::ALL
+            .iter()
+            .filter(|endpoint| **endpoint != Endpoint::Metrics)
+            .map(|endpoint| endpoint.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     for (name, value, help) in flags {
         usage.push_str(&format!("\n  {:<19}  {help}", format!("{name} {value}")));
     }
+    if !notes.is_empty() {
+        usage.push_str(&format!("\n\n{notes}"));
+    }
     parse_from(std::env::args().skip(1), port, flags).unwrap_or_else(|e| {
         if e.is_empty() {
-            println!("{usage}");
+            say(&usage);
             std::process::exit(0);
         }
-        eprintln!("error: {e}\n{usage}");
-        std::process::exit(2);
+        fail(2, format_args!("{e}\n{usage}"))
     })
 }
 
@@ -129,8 +203,8 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("--addr {addr:?}: the host name resolves to no address"))
 }
 
-/// `Err("")` means `--help`.
-fn parse_from(
+/// Parses `it` (the arguments after the program's name). `Err("")` means `--help`.
+pub fn parse_from(
     mut it: impl Iterator<Item = String>,
     port: u16,
     flags: &[Flag],

@@ -17,6 +17,10 @@
 //! saying how to activate it, rather than a profile of samples that are no longer being
 //! taken. jemalloc not the global allocator: 503, as for the other endpoints.
 //!
+//! Its metrics (`…_jemalloc_heap_profiles_total`, `…_jemalloc_heap_profile_duration_seconds`)
+//! are registered only in builds with the profiler: a build that answers 501 has nothing to
+//! count, and a family that can only read zero would suggest a feature it does not have.
+//!
 //! Bounded like the stats dump: a dump runs on a thread of its own, off the async workers; at
 //! most one live dump per format runs at a time, requests that arrive meanwhile share it, and
 //! a finished one answers new requests for one second, so a flood costs at most one dump per
@@ -75,7 +79,9 @@ pub(crate) struct Heap {
     growth: Arc<Mutex<Option<Instant>>>,
     /// Where growth windows run.
     growth_runner: Runner,
-    telemetry: ProfileTelemetry,
+    /// `None` in builds without the profiler: they answer 501 and export no heap profile
+    /// metrics, which would only ever read zero.
+    telemetry: Option<ProfileTelemetry>,
 }
 
 /// A finished profile, or why there is none.
@@ -91,7 +97,11 @@ impl Handler for Heap {
     const METHODS: &'static [Method] = &[Method::GET];
     const ALLOW: &'static str = "GET";
     const PARAMS: Option<&'static [&'static str]> = Some(&["format", "seconds"]);
-    const ZERO_HISTOGRAMS: &'static [ZeroHistogram] = &[DURATION_AT_ZERO];
+    const ZERO_HISTOGRAMS: &'static [ZeroHistogram] = if cfg!(profiling) {
+        &[DURATION_AT_ZERO]
+    } else {
+        &[]
+    };
     type Params = Request;
     type Output = Profiled;
 
@@ -106,7 +116,7 @@ impl Handler for Heap {
             }),
             growth: Arc::default(),
             growth_runner: context.runner(JobKind::HeapGrowth),
-            telemetry: ProfileTelemetry::new(context.meter),
+            telemetry: cfg!(profiling).then(|| ProfileTelemetry::new(context.meter)),
         }
     }
 
@@ -156,7 +166,8 @@ impl Handler for Heap {
                 profiling::heap_profile(format, window, max_bytes, wait).map(Bytes::from);
             let took = started.elapsed().saturating_sub(window.unwrap_or_default());
             // Nobody asks about an abandoned window: it is not a profile made.
-            if !matches!(profiled, Err(ProfilingError::Abandoned)) {
+            let made = !matches!(profiled, Err(ProfilingError::Abandoned));
+            if let Some(telemetry) = telemetry.as_ref().filter(|_| made) {
                 telemetry.record(format, took, &profiled);
             }
             profiled

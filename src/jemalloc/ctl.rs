@@ -54,8 +54,24 @@ pub(crate) struct Settings {
     pub(crate) muzzy_decay_ms: i64,
     /// `arenas.narenas`.
     pub(crate) narenas: u32,
-    /// `config.malloc_conf`: the options built into the binary.
+    /// `config.malloc_conf`: the options jemalloc itself was built with
+    /// (`--with-malloc-conf`; tikv-jemalloc-sys sets none).
     pub(crate) malloc_conf_compiled: &'static str,
+    /// The heap profiler's start-up options; `None` when jemalloc was built without it
+    /// (`config.prof` is false).
+    pub(crate) prof: Option<ProfOptions>,
+}
+
+/// The heap profiler's start-up options (only in a jemalloc built with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(jemalloc), allow(dead_code))]
+pub(crate) struct ProfOptions {
+    /// `opt.prof`: started with the profiler (`prof:true`).
+    pub(crate) started: bool,
+    /// `opt.prof_active`: sampling from the start (`prof_active`, default true).
+    pub(crate) active_at_start: bool,
+    /// `opt.lg_prof_sample`: the mean sampling interval at start-up, as 2^N bytes.
+    pub(crate) lg_sample: u32,
 }
 
 /// One write of a tuning change; [`Ctl::write`] answers the write that undoes it.
@@ -105,7 +121,8 @@ pub(crate) struct PrintOptions {
 #[cfg(jemalloc)]
 mod imp {
     use super::{
-        ArenaFigures, ArenasControl, JemallocError, JemallocStats, PrintOptions, Settings, Write,
+        ArenaFigures, ArenasControl, JemallocError, JemallocStats, PrintOptions, ProfOptions,
+        Settings, Write,
     };
     use crate::jemalloc::figures::{Unit, FIGURES};
     use std::sync::OnceLock;
@@ -300,6 +317,7 @@ mod imp {
 
         /// jemalloc's build and run-time configuration.
         pub(crate) fn settings(&self) -> Result<Settings, JemallocError> {
+            let config_prof: bool = b"config.prof\0".name().read().map_err(err("config.prof"))?;
             let decay_ms = |name: &'static [u8], key: &'static str| {
                 name.name()
                     .read()
@@ -317,6 +335,30 @@ mod imp {
                 malloc_conf_compiled: config::malloc_conf::read()
                     .map(trim_nul)
                     .map_err(err("config.malloc_conf"))?,
+                prof: if config_prof {
+                    Some(self.prof_options()?)
+                } else {
+                    None
+                },
+            })
+        }
+
+        /// `opt.prof`, `opt.prof_active` and `opt.lg_prof_sample`: only in a jemalloc built
+        /// with its profiler (`config.prof`), where these keys exist. Read whatever this
+        /// crate's features, since the `profiling` feature may be on elsewhere in the
+        /// dependency graph.
+        fn prof_options(&self) -> Result<ProfOptions, JemallocError> {
+            let lg_sample: usize = b"opt.lg_prof_sample\0"
+                .name()
+                .read()
+                .map_err(err("opt.lg_prof_sample"))?;
+            Ok(ProfOptions {
+                started: b"opt.prof\0".name().read().map_err(err("opt.prof"))?,
+                active_at_start: b"opt.prof_active\0"
+                    .name()
+                    .read()
+                    .map_err(err("opt.prof_active"))?,
+                lg_sample: lg_sample as u32,
             })
         }
 

@@ -6,6 +6,8 @@
 //! - [`dump`]: `malloc_stats_print` into memory, capped.
 //! - [`purge`]: returning unused pages to the OS, one purge at a time.
 //! - [`profiling`]: the heap profiler switched on and off, its dumps as pprof or flame graphs.
+//! - [`options`]: where jemalloc reads its options in this build (prefixed or not), and the
+//!   snippets that set them.
 //! - [`summary`]: jemalloc's configuration and a plain-language reading of the figures.
 //! - [`process_slot`]: work that runs one at a time in the process.
 //! - [`tuning`]: background threads and decay times, read and changed at run time.
@@ -16,6 +18,7 @@ mod error;
 #[cfg(all(jemalloc, fault_injection))]
 pub(crate) mod fault;
 pub(crate) mod figures;
+pub(crate) mod options;
 mod process_slot;
 pub(crate) mod profiling;
 pub(crate) mod purge;
@@ -26,5 +29,5 @@ pub use error::JemallocError;
 pub use figures::JemallocStats;
 pub use profiling::{ProfilingChange, ProfilingStatus};
 pub use purge::{purge_all_arenas, OsMemory, PurgeError, PurgeMode, PurgeReport, UnknownPurgeMode};
-pub use summary::{BackgroundThread, MallocConf, Ratios, StatsSummary};
+pub use summary::{BackgroundThread, MallocConf, Profiler, Ratios, StatsSummary};
 pub use tuning::{ArenaDecay, ConfigUpdate, JemallocConfig, MAX_DECAY_MS};

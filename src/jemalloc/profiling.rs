@@ -17,11 +17,12 @@ pub(crate) const LG_SAMPLE_RANGE: std::ops::RangeInclusive<u32> = 12..=30;
 /// The longest `for=` a switch-on may have: profiling left on by accident is what it prevents.
 pub(crate) const MAX_ACTIVE_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// How to start jemalloc with its profiler, for the answers that say it is not.
-pub(crate) const HOW_TO_START: &str = "start the process with the environment variable \
-     _RJEM_MALLOC_CONF=prof:true,prof_active:false, or build the options into the binary: \
-     #[export_name = \"_rjem_malloc_conf\"] static MALLOC_CONF: &[u8] = \
-     b\"prof:true,prof_active:false\\0\";";
+/// How to start jemalloc with its profiler, for the answers that say it is not: the
+/// environment variable and the built-in options under this build's names (prefixed or not,
+/// see [`OptionNames`](super::options::OptionNames)), available and not yet sampling.
+pub(crate) fn how_to_start() -> String {
+    super::options::OptionNames::of_this_build().how_to_set("prof:true,prof_active:false")
+}
 
 /// The state of jemalloc's heap profiler: the JSON of `GET /debug/jemalloc/profiling`, and the
 /// `before` and `after` of a `PUT`.
@@ -82,7 +83,10 @@ pub(crate) enum ProfilingError {
     )]
     NotCompiled,
     /// Compiled in, but jemalloc was started without `prof:true`.
-    #[error("jemalloc was started without its heap profiler (opt.prof is false): {HOW_TO_START}")]
+    #[error(
+        "jemalloc was started without its heap profiler (opt.prof is false): {}",
+        how_to_start()
+    )]
     NotStarted,
     /// Started, but not sampling.
     #[error("heap profiling is inactive, so no profile is being taken: activate it with {0}")]
@@ -135,7 +139,7 @@ pub(crate) use imp::{heap_profile, ready, set_active, set_sampling, status};
 
 #[cfg(profiling)]
 mod imp {
-    use super::{ProfileFormat, ProfilingError, ProfilingStatus, HOW_TO_START, MAX_ACTIVE_FOR};
+    use super::{how_to_start, ProfileFormat, ProfilingError, ProfilingStatus, MAX_ACTIVE_FOR};
     use crate::jemalloc::ctl::{ctl, Ctl};
     use pprof_util::{FlamegraphOptions, StackProfile, WeightedStack};
     use std::collections::HashMap;
@@ -171,7 +175,7 @@ mod imp {
                 lg_sample: None,
                 sample_interval_bytes: None,
                 switches_off_in_seconds: None,
-                how_to_enable: Some(HOW_TO_START.to_owned()),
+                how_to_enable: Some(how_to_start()),
             });
         }
         let lg_sample = ctl.prof_lg_sample()?;
@@ -391,7 +395,7 @@ mod imp {
         match format {
             ProfileFormat::Pprof => {
                 let pprof = profile.to_pprof(("inuse_space", "bytes"), ("space", "bytes"), None);
-                with_drop_frames(&pprof, ALLOCATOR_FRAMES)
+                with_drop_frames(&pprof, &AllocatorFrames::of_this_build().regex())
                     .map_err(|e| ProfilingError::Failed(format!("cannot encode it: {e}")))
             }
             ProfileFormat::Flamegraph => {
@@ -407,22 +411,206 @@ mod imp {
                     ),
                 };
                 options.count_name = "bytes".to_owned();
-                shown
-                    .to_flamegraph(&mut options)
-                    .map_err(|e| ProfilingError::Failed(format!("cannot draw it: {e:#}")))
+                let frames = AllocatorFrames::of_this_build();
+                let folded = fold(&shown, |addr| symbolize(addr, &frames));
+                let mut svg = Vec::new();
+                inferno::flamegraph::from_lines(
+                    &mut options,
+                    folded.iter().map(String::as_str),
+                    &mut svg,
+                )
+                .map_err(|e| ProfilingError::Failed(format!("cannot draw it: {e:#}")))?;
+                Ok(svg)
             }
         }
     }
 
-    /// The allocator's own frames at the leaf of every sampled stack: jemalloc's profiler and
-    /// allocation functions, Rust's global-allocator shims, and the `alloc` crate's
-    /// allocation plumbing. Named in the profile's `drop_frames`, which `go tool pprof` (as
-    /// for C++ heap profiles) uses to cut them and everything they call, so that a stack's
-    /// bytes are attributed, flat, to the code that allocated, not to `prof_backtrace_impl`.
-    const ALLOCATOR_FRAMES: &str =
-        "_rjem_.*|prof_backtrace_impl|__rust_(alloc|alloc_zeroed|realloc)\
-         |__rdl_.*|<tikv_jemallocator::Jemalloc as .*|<tower_jemalloc::allocator::Jemalloc as .*\
-         |alloc::alloc::.*|alloc::raw_vec::.*";
+    /// One pattern of [`AllocatorFrames`]: a function's whole name, or the start of names.
+    #[derive(Debug, Clone, Copy)]
+    enum Frame {
+        Name(&'static str),
+        Prefix(&'static str),
+    }
+
+    /// jemalloc's functions in a build with the `_rjem_` prefix: all of them carry it
+    /// (internal ones `_rjem_je_`).
+    const PREFIXED_JEMALLOC: &[Frame] = &[Frame::Prefix("_rjem_")];
+
+    /// jemalloc's functions in an unprefixed build: internal ones `je_`, and the public
+    /// allocation functions a sampled allocation enters through.
+    const UNPREFIXED_JEMALLOC: &[Frame] = &[
+        Frame::Prefix("je_"),
+        Frame::Name("malloc"),
+        Frame::Name("calloc"),
+        Frame::Name("realloc"),
+        Frame::Name("posix_memalign"),
+        Frame::Name("aligned_alloc"),
+        Frame::Name("mallocx"),
+        Frame::Name("rallocx"),
+    ];
+
+    /// The rest of the allocator's frames, in any build: jemalloc's stack capture (a static
+    /// function, without the prefix), Rust's global-allocator shims, the allocators'
+    /// `GlobalAlloc` impls, and the `alloc` crate's allocation plumbing.
+    const RUST_ALLOCATOR: &[Frame] = &[
+        Frame::Name("prof_backtrace_impl"),
+        Frame::Name("__rust_alloc"),
+        Frame::Name("__rust_alloc_zeroed"),
+        Frame::Name("__rust_realloc"),
+        Frame::Prefix("__rdl_"),
+        Frame::Prefix("<tikv_jemallocator::Jemalloc as "),
+        Frame::Prefix("<tower_jemalloc::allocator::Jemalloc as "),
+        Frame::Prefix("alloc::alloc::"),
+        Frame::Prefix("alloc::raw_vec::"),
+    ];
+
+    /// The allocator's own frames at the leaf of every sampled stack, the one list both
+    /// formats use. The pprof output names them in its `drop_frames` (as a regular
+    /// expression), which `go tool pprof` (as for C++ heap profiles) uses to cut them and
+    /// everything they call, so that a stack's bytes are attributed, flat, to the code that
+    /// allocated, not to `prof_backtrace_impl`. The flame graph is cut the same way before it
+    /// is drawn ([`fold`]).
+    #[derive(Debug)]
+    struct AllocatorFrames(Vec<Frame>);
+
+    impl AllocatorFrames {
+        /// The frames of this build's jemalloc (prefixed or not) and of Rust's allocator.
+        fn of_this_build() -> Self {
+            Self::of(crate::jemalloc::options::OptionNames::of_this_build().prefixed())
+        }
+
+        fn of(prefixed: bool) -> Self {
+            let jemalloc = if prefixed {
+                PREFIXED_JEMALLOC
+            } else {
+                UNPREFIXED_JEMALLOC
+            };
+            Self(jemalloc.iter().chain(RUST_ALLOCATOR).copied().collect())
+        }
+
+        /// The `drop_frames` regular expression: pprof anchors it (`^(…)$`).
+        fn regex(&self) -> String {
+            let escape = |text: &str| {
+                text.chars().fold(String::new(), |mut out, c| {
+                    if "\\.+*?()|[]{}^$".contains(c) {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                    out
+                })
+            };
+            let alternatives: Vec<String> = self
+                .0
+                .iter()
+                .map(|frame| match frame {
+                    Frame::Name(name) => escape(name),
+                    Frame::Prefix(prefix) => escape(prefix) + ".*",
+                })
+                .collect();
+            alternatives.join("|")
+        }
+
+        /// Whether `function` is one of them, as pprof matches `drop_frames`: against the
+        /// whole name, cut at its first `(` (pprof's simplification of C++ names).
+        fn matches(&self, function: &str) -> bool {
+            let function = function.split('(').next().unwrap_or(function);
+            self.0.iter().any(|frame| match frame {
+                Frame::Name(name) => function == *name,
+                Frame::Prefix(prefix) => function.starts_with(prefix),
+            })
+        }
+    }
+
+    /// One sampled address, symbolized as the pprof output is (`pprof_util`: the address
+    /// before the return address, names demangled without their hash), with pprof's
+    /// `drop_frames` applied to it.
+    #[derive(Debug, Default, Clone, PartialEq)]
+    struct Location {
+        /// Its functions, the innermost inlined one first. When an allocator frame is inlined
+        /// into application code, only the application's frames (those outside the outermost
+        /// allocator frame) are left.
+        names: Vec<String>,
+        /// Its outermost function is an allocator frame: where a stack is cut here, the
+        /// location goes too.
+        dropped: bool,
+        /// It holds an allocator frame: where a stack is cut here, nothing it calls is kept.
+        cuts_beneath: bool,
+    }
+
+    impl Location {
+        /// What pprof's `Prune` does to a location with `names` (innermost first).
+        fn new(mut names: Vec<String>, frames: &AllocatorFrames) -> Self {
+            let Some(outermost) = names.iter().rposition(|name| frames.matches(name)) else {
+                return Self {
+                    names,
+                    ..Self::default()
+                };
+            };
+            let dropped = outermost == names.len() - 1;
+            if !dropped {
+                names.drain(..=outermost);
+            }
+            Self {
+                names,
+                dropped,
+                cuts_beneath: true,
+            }
+        }
+    }
+
+    /// Symbolizes one return address of a sampled stack.
+    fn symbolize(addr: usize, frames: &AllocatorFrames) -> Location {
+        let mut names = Vec::new();
+        backtrace::resolve(addr.wrapping_sub(1) as *mut std::ffi::c_void, |symbol| {
+            if let Some(name) = symbol.name() {
+                names.push(format!("{name:#}"));
+            }
+        });
+        if names.is_empty() {
+            names.push(format!("{addr:#x}"));
+        }
+        Location::new(names, frames)
+    }
+
+    /// The stacks of `profile` as inferno's folded lines (`root;…;leaf bytes`), cut where
+    /// pprof's `drop_frames` cuts them: scanning from the root, at the first location with an
+    /// allocator frame after the first one without (so a stack is never cut away whole).
+    /// Each address is symbolized once, by `locate`.
+    fn fold(profile: &StackProfile, mut locate: impl FnMut(usize) -> Location) -> Vec<String> {
+        let mut locations: HashMap<usize, Location> = HashMap::new();
+        let mut weights: HashMap<Vec<String>, i64> = HashMap::new();
+        for (stack, _) in &profile.stacks {
+            // `addrs` run from the root to the leaf.
+            let mut kept: Vec<&Location> = Vec::with_capacity(stack.addrs.len());
+            let mut found_user = false;
+            for &addr in &stack.addrs {
+                locations.entry(addr).or_insert_with(|| locate(addr));
+            }
+            for addr in &stack.addrs {
+                let location = &locations[addr];
+                if !location.cuts_beneath {
+                    found_user = true;
+                } else if found_user {
+                    if !location.dropped {
+                        kept.push(location);
+                    }
+                    break;
+                }
+                kept.push(location);
+            }
+            let frames: Vec<String> = kept
+                .iter()
+                .flat_map(|location| location.names.iter().rev().cloned())
+                .collect();
+            *weights.entry(frames).or_default() += stack.weight.trunc() as i64;
+        }
+        let mut lines: Vec<String> = weights
+            .into_iter()
+            .map(|(frames, weight)| format!("{} {weight}", frames.join(";")))
+            .collect();
+        lines.sort();
+        lines
+    }
 
     /// `gzipped`, a gzipped pprof `Profile`, with `drop_frames` set to `regex`. The message is
     /// extended, not rewritten: protobuf merges a field appended to a message, so `regex` goes
@@ -490,6 +678,73 @@ mod imp {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn drop_frames_names_the_builds_allocator_frames() {
+            assert_eq!(
+                AllocatorFrames::of(true).regex(),
+                "_rjem_.*|prof_backtrace_impl|__rust_alloc|__rust_alloc_zeroed|__rust_realloc\
+                 |__rdl_.*|<tikv_jemallocator::Jemalloc as .*\
+                 |<tower_jemalloc::allocator::Jemalloc as .*|alloc::alloc::.*|alloc::raw_vec::.*"
+            );
+            let unprefixed = AllocatorFrames::of(false);
+            assert!(unprefixed.regex().starts_with("je_.*|malloc|calloc|"));
+            assert!(unprefixed.matches("je_prof_backtrace") && unprefixed.matches("malloc"));
+            assert!(!unprefixed.matches("_rjem_malloc") && !unprefixed.matches("malloc_trim"));
+            let prefixed = AllocatorFrames::of(true);
+            assert!(prefixed.matches("_rjem_je_prof_backtrace"));
+            assert!(prefixed.matches("alloc::raw_vec::RawVecInner<A>::try_allocate_in"));
+            assert!(!prefixed.matches("malloc") && !prefixed.matches("app::alloc::alloc::x"));
+        }
+
+        /// Folds stacks of made-up addresses whose "symbols" are given per address.
+        fn folded(stacks: &[&[usize]], symbols: &[(usize, &[&str])]) -> Vec<String> {
+            let frames = AllocatorFrames::of(true);
+            let mut profile = StackProfile::default();
+            for addrs in stacks {
+                let stack = WeightedStack {
+                    addrs: addrs.to_vec(),
+                    weight: 1000.0,
+                };
+                profile.push_stack(stack, None);
+            }
+            fold(&profile, |addr| {
+                let (_, names) = symbols.iter().find(|(a, _)| *a == addr).unwrap();
+                Location::new(names.iter().map(|n| n.to_string()).collect(), &frames)
+            })
+        }
+
+        #[test]
+        fn the_flame_graph_is_cut_where_drop_frames_cuts() {
+            let symbols: &[(usize, &[&str])] = &[
+                (1, &["main"]),
+                (2, &["app::leak"]),
+                (3, &["alloc::raw_vec::RawVec<T>::with_capacity"]),
+                (4, &["__rust_alloc"]),
+                (5, &["_rjem_malloc"]),
+                (6, &["prof_backtrace_impl"]),
+                // Allocation plumbing inlined into the application's function.
+                (
+                    7,
+                    &[
+                        "alloc::raw_vec::RawVecInner::try_allocate_in",
+                        "app::inlined",
+                    ],
+                ),
+                (8, &["_rjem_start"]),
+            ];
+            assert_eq!(
+                folded(&[&[1, 2, 3, 4, 5, 6]], symbols),
+                ["main;app::leak 1000"]
+            );
+            // Only the application's frames of an inlined location are kept.
+            assert_eq!(
+                folded(&[&[1, 7, 4, 5, 6], &[1, 2, 5]], symbols),
+                ["main;app::inlined 1000", "main;app::leak 1000"]
+            );
+            // Nothing is cut before the first application frame from the root.
+            assert_eq!(folded(&[&[8, 1, 5, 6]], symbols), ["_rjem_start;main 1000"]);
+        }
 
         #[test]
         fn drop_frames_is_appended_after_the_string_table() {

@@ -1,7 +1,8 @@
 //! [`StatsSummary`]: jemalloc's configuration, the current figures, two ratios and what they
 //! suggest in plain language, in the spirit of Redis's `MEMORY DOCTOR`.
 
-use super::ctl::{Ctl, Settings};
+use super::ctl::{Ctl, ProfOptions, Settings};
+use super::options::OptionNames;
 use super::{JemallocError, JemallocStats};
 use crate::system::{CgroupMemory, ProcessUsage};
 use serde::{Deserialize, Serialize};
@@ -12,11 +13,19 @@ use serde::{Deserialize, Serialize};
 /// ```json
 /// {"version":"5.3.1-…","background_thread":{"enabled_at_start":false,"running":false},
 ///  "dirty_decay_ms":10000,"muzzy_decay_ms":0,"arenas":9,
-///  "malloc_conf":{"compiled":"","environment":null},
+///  "malloc_conf":{"compiled":"","built_in":"prof:true,prof_active:false",
+///                 "symbol":"_rjem_malloc_conf","environment_variable":"_RJEM_MALLOC_CONF",
+///                 "environment":null},
+///  "profiler":{"compiled_in":true,"started":true,"active_at_start":false,"lg_sample":19},
 ///  "stats":{"allocated":…,…},
 ///  "ratios":{"active_to_allocated":1.2083,"resident_to_active":3.1037},
 ///  "hints":["…"]}
 /// ```
+///
+/// The names in `malloc_conf` and in the hints are those of this build's jemalloc:
+/// tikv-jemalloc-sys prefixes its symbols with `_rjem_` (so it reads `_RJEM_MALLOC_CONF` and
+/// `_rjem_malloc_conf`) unless its `unprefixed_malloc_on_supported_platforms` feature is on
+/// (then `MALLOC_CONF` and `malloc_conf`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct StatsSummary {
@@ -32,6 +41,8 @@ pub struct StatsSummary {
     pub arenas: u32,
     /// Where jemalloc's options came from.
     pub malloc_conf: MallocConf,
+    /// The heap profiler: built in, and its start-up options.
+    pub profiler: Profiler,
     /// The figures, from one epoch advance.
     pub stats: JemallocStats,
     /// Two ratios of the figures.
@@ -50,14 +61,48 @@ pub struct BackgroundThread {
     pub running: bool,
 }
 
-/// Where jemalloc's options came from, in a [`StatsSummary`].
+/// Where jemalloc's options came from, in a [`StatsSummary`]. jemalloc reads them, in this
+/// order (later ones win), from its own build, the binary and the environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct MallocConf {
-    /// `config.malloc_conf`: the options built into the binary.
+    /// `config.malloc_conf`: the options jemalloc itself was built with (`--with-malloc-conf`;
+    /// empty for tikv-jemalloc-sys's build).
     pub compiled: String,
-    /// `_RJEM_MALLOC_CONF` (or else `MALLOC_CONF`) from the environment, if set.
+    /// The options the application builds into its binary through the
+    /// [`symbol`](Self::symbol), if it defines it.
+    #[serde(default)]
+    pub built_in: Option<String>,
+    /// The symbol jemalloc reads built-in options from in this build: `_rjem_malloc_conf`
+    /// (prefixed) or `malloc_conf`.
+    #[serde(default)]
+    pub symbol: String,
+    /// The environment variable jemalloc reads in this build: `_RJEM_MALLOC_CONF` (prefixed) or
+    /// `MALLOC_CONF`. The other one is ignored.
+    #[serde(default)]
+    pub environment_variable: String,
+    /// The value of [`environment_variable`](Self::environment_variable), if set.
     pub environment: Option<String>,
+}
+
+/// jemalloc's heap profiler, in a [`StatsSummary`]: built in (the `profiling` feature, or
+/// tikv-jemalloc-sys's `profiling` feature elsewhere in the dependency graph) and its
+/// start-up options. The options are left out (JSON: absent) when it is not built in, where
+/// they do not exist. `GET /debug/jemalloc/profiling` says whether it samples now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Profiler {
+    /// `config.prof`: jemalloc was built with its heap profiler.
+    pub compiled_in: bool,
+    /// `opt.prof`: started with it (`prof:true`); without it no profile can be taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<bool>,
+    /// `opt.prof_active`: sampling from the start (`prof_active`, true unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_at_start: Option<bool>,
+    /// `opt.lg_prof_sample`: the mean interval between samples at start-up, as 2^N bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lg_sample: Option<u32>,
 }
 
 /// Ratios of the figures, in a [`StatsSummary`]; `None` (JSON `null`) when the denominator is
@@ -76,22 +121,23 @@ impl StatsSummary {
     pub(crate) fn read(ctl: &Ctl) -> Result<Self, JemallocError> {
         let settings = ctl.settings()?;
         let stats = ctl.snapshot()?;
-        let environment = std::env::var("_RJEM_MALLOC_CONF")
-            .or_else(|_| std::env::var("MALLOC_CONF"))
-            .ok();
+        let names = OptionNames::of_this_build();
+        let sources = Sources {
+            names,
+            built_in: super::options::built_in(),
+            environment: std::env::var(names.environment_variable()).ok(),
+            ignored_environment: std::env::var_os(names.ignored_environment_variable()).is_some(),
+        };
         let outside = Outside {
             process: ProcessUsage::read(),
             cgroup: CgroupMemory::read(),
         };
-        Ok(Self::new(&settings, stats, environment, &outside))
+        Ok(Self::new(&settings, stats, sources, &outside))
     }
 
-    fn new(
-        settings: &Settings,
-        stats: JemallocStats,
-        environment: Option<String>,
-        outside: &Outside,
-    ) -> Self {
+    fn new(settings: &Settings, stats: JemallocStats, sources: Sources, outside: &Outside) -> Self {
+        let hints = hints(settings, &stats, &sources, outside);
+        let prof = settings.prof;
         Self {
             version: settings.version.to_owned(),
             background_thread: BackgroundThread {
@@ -103,16 +149,37 @@ impl StatsSummary {
             arenas: settings.narenas,
             malloc_conf: MallocConf {
                 compiled: settings.malloc_conf_compiled.to_owned(),
-                environment,
+                built_in: sources.built_in,
+                symbol: sources.names.symbol().to_owned(),
+                environment_variable: sources.names.environment_variable().to_owned(),
+                environment: sources.environment,
+            },
+            profiler: Profiler {
+                compiled_in: prof.is_some(),
+                started: prof.map(|p| p.started),
+                active_at_start: prof.map(|p| p.active_at_start),
+                lg_sample: prof.map(|p| p.lg_sample),
             },
             ratios: Ratios {
                 active_to_allocated: ratio(stats.active, stats.allocated),
                 resident_to_active: ratio(stats.resident, stats.active),
             },
-            hints: hints(settings, &stats, outside),
+            hints,
             stats,
         }
     }
+}
+
+/// Where jemalloc's options can come from in this build, and what they are.
+#[derive(Debug)]
+struct Sources {
+    names: OptionNames,
+    /// The value of the build's `malloc_conf` symbol, if the application defines it.
+    built_in: Option<String>,
+    /// The value of the environment variable the build reads, if set.
+    environment: Option<String>,
+    /// Whether the environment variable of the other build is set (and so ignored).
+    ignored_environment: bool,
 }
 
 fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
@@ -130,22 +197,50 @@ struct Outside {
 }
 
 /// What the figures suggest, in plain language.
-fn hints(settings: &Settings, stats: &JemallocStats, outside: &Outside) -> Vec<String> {
+fn hints(
+    settings: &Settings,
+    stats: &JemallocStats,
+    sources: &Sources,
+    outside: &Outside,
+) -> Vec<String> {
     let mut hints = Vec::new();
     let mib = |bytes: u64| bytes as f64 / MIB;
+    let names = sources.names;
+    if sources.ignored_environment {
+        hints.push(format!(
+            "{ignored} is set, but this build's jemalloc reads {read} ({how}): {ignored} is \
+             ignored. Move its options to {read}.",
+            ignored = names.ignored_environment_variable(),
+            read = names.environment_variable(),
+            how = if names.prefixed() {
+                "its symbols carry tikv-jemalloc-sys's _rjem_ prefix"
+            } else {
+                "it is built unprefixed, as the C library's malloc"
+            },
+        ));
+    }
     if !settings.background_threads_running {
-        hints.push(
+        hints.push(format!(
             "Background threads are off: freed memory goes back to the OS only when allocation \
-             activity drives decay, so an idle process keeps its dirty pages. Enable them with \
-             background_thread:true in _RJEM_MALLOC_CONF / MALLOC_CONF."
-                .to_owned(),
-        );
+             activity drives decay, so an idle process keeps its dirty pages. Start them now \
+             with PUT /debug/jemalloc/config?background_thread=true (until the process \
+             restarts), and for good with background_thread:true in {}.",
+            names.environment_variable()
+        ));
     }
     if settings.dirty_decay_ms < 0 {
         hints.push(
-            "dirty_decay_ms is -1: dirty pages are never returned on their own, only by a purge."
+            "dirty_decay_ms is -1: dirty pages are never returned on their own, only by a purge. \
+             Set a decay time now with PUT /debug/jemalloc/config?dirty_decay_ms=N."
                 .to_owned(),
         );
+    }
+    if let Some(ProfOptions { started: false, .. }) = settings.prof {
+        hints.push(format!(
+            "jemalloc's heap profiler is compiled in but was not started (opt.prof is false), so \
+             no heap profile can be taken: to have it available, {}",
+            names.how_to_set("prof:true,prof_active:false")
+        ));
     }
     if stats.retained > 0 {
         hints.push(format!(
@@ -206,8 +301,8 @@ fn hints(settings: &Settings, stats: &JemallocStats, outside: &Outside) -> Vec<S
             hint.push_str(&format!(
                 " The cgroup is near its limit, where the kernel reclaims and then kills: \
                  {:.1} MiB of dirty pages could go back now with a purge, or steadily with \
-                 background_thread=true and a shorter dirty_decay_ms (PUT \
-                 /debug/jemalloc/config).",
+                 PUT /debug/jemalloc/config?background_thread=true&dirty_decay_ms=N (a \
+                 shorter decay time).",
                 mib(stats.dirty)
             ));
         }
@@ -229,6 +324,17 @@ mod tests {
             muzzy_decay_ms: 0,
             narenas: 4,
             malloc_conf_compiled: "",
+            prof: None,
+        }
+    }
+
+    /// A prefixed build with no options set anywhere.
+    fn sources() -> Sources {
+        Sources {
+            names: OptionNames::PREFIXED,
+            built_in: None,
+            environment: None,
+            ignored_environment: false,
         }
     }
 
@@ -241,7 +347,13 @@ mod tests {
             resident: 130 * MIB,
             ..JemallocStats::default()
         };
-        assert!(hints(&settings(true, 10_000), &calm, &Outside::default()).is_empty());
+        assert!(hints(
+            &settings(true, 10_000),
+            &calm,
+            &sources(),
+            &Outside::default()
+        )
+        .is_empty());
 
         let hints = hints(
             &settings(false, -1),
@@ -254,6 +366,7 @@ mod tests {
                 muzzy: 10 * MIB,
                 ..JemallocStats::default()
             },
+            &sources(),
             &Outside::default(),
         );
         let all = hints.join("\n");
@@ -275,7 +388,10 @@ mod tests {
         let summary = StatsSummary::new(
             &settings(true, 10_000),
             JemallocStats::default(),
-            Some("a\"b".into()),
+            Sources {
+                environment: Some("a\"b".into()),
+                ..sources()
+            },
             &Outside::default(),
         );
         let out = serde_json::to_string(&summary).unwrap();
@@ -283,7 +399,7 @@ mod tests {
             out.contains(r#""ratios":{"active_to_allocated":null,"resident_to_active":null}"#),
             "{out}"
         );
-        assert!(out.starts_with(r#"{"version":"5.3.0","background_thread":{"enabled_at_start":true,"running":true},"dirty_decay_ms":10000,"muzzy_decay_ms":0,"arenas":4,"malloc_conf":{"compiled":"","environment":"a\"b"},"stats":{"allocated":0,"#), "{out}");
+        assert!(out.starts_with(r#"{"version":"5.3.0","background_thread":{"enabled_at_start":true,"running":true},"dirty_decay_ms":10000,"muzzy_decay_ms":0,"arenas":4,"malloc_conf":{"compiled":"","built_in":null,"symbol":"_rjem_malloc_conf","environment_variable":"_RJEM_MALLOC_CONF","environment":"a\"b"},"profiler":{"compiled_in":false},"stats":{"allocated":0,"#), "{out}");
         assert_eq!(serde_json::from_str::<StatsSummary>(&out).unwrap(), summary);
     }
 
@@ -307,7 +423,8 @@ mod tests {
                 max: max.map(|max| max * MIB),
             }),
         };
-        let hints_for = |outside| hints(&settings(true, 10_000), &stats, &outside).join("\n");
+        let hints_for =
+            |outside| hints(&settings(true, 10_000), &stats, &sources(), &outside).join("\n");
         // RSS close to resident, no limit: nothing to say.
         assert_eq!(hints_for(outside(420, 430, None)), "");
         let all = hints_for(outside(600, 620, Some(1000)));
@@ -326,6 +443,128 @@ mod tests {
         assert!(
             near.contains("80.0 MiB of dirty pages could go back"),
             "{near}"
+        );
+    }
+
+    #[test]
+    fn hints_name_the_builds_variable_and_the_config_endpoint() {
+        let background_off = |names| {
+            let sources = Sources { names, ..sources() };
+            hints(
+                &settings(false, 10_000),
+                &JemallocStats::default(),
+                &sources,
+                &Outside::default(),
+            )
+        };
+        assert_eq!(
+            background_off(OptionNames::PREFIXED),
+            ["Background threads are off: freed memory goes back to the OS only when allocation \
+              activity drives decay, so an idle process keeps its dirty pages. Start them now \
+              with PUT /debug/jemalloc/config?background_thread=true (until the process \
+              restarts), and for good with background_thread:true in _RJEM_MALLOC_CONF."]
+        );
+        let unprefixed = background_off(OptionNames::UNPREFIXED).join("\n");
+        assert!(
+            unprefixed.contains("background_thread:true in MALLOC_CONF.")
+                && !unprefixed.contains("_RJEM_"),
+            "{unprefixed}"
+        );
+    }
+
+    #[test]
+    fn hints_say_which_environment_variable_is_ignored() {
+        let ignored = |names| {
+            let sources = Sources {
+                names,
+                ignored_environment: true,
+                ..sources()
+            };
+            hints(
+                &settings(true, 10_000),
+                &JemallocStats::default(),
+                &sources,
+                &Outside::default(),
+            )
+        };
+        assert_eq!(
+            ignored(OptionNames::PREFIXED),
+            ["MALLOC_CONF is set, but this build's jemalloc reads _RJEM_MALLOC_CONF (its symbols \
+              carry tikv-jemalloc-sys's _rjem_ prefix): MALLOC_CONF is ignored. Move its options \
+              to _RJEM_MALLOC_CONF."]
+        );
+        assert_eq!(
+            ignored(OptionNames::UNPREFIXED),
+            ["_RJEM_MALLOC_CONF is set, but this build's jemalloc reads MALLOC_CONF (it is built \
+              unprefixed, as the C library's malloc): _RJEM_MALLOC_CONF is ignored. Move its \
+              options to MALLOC_CONF."]
+        );
+    }
+
+    #[test]
+    fn a_profiler_built_in_but_not_started_gets_a_hint_in_the_builds_form() {
+        let with_prof = |started| Settings {
+            prof: Some(ProfOptions {
+                started,
+                active_at_start: false,
+                lg_sample: 19,
+            }),
+            ..settings(true, 10_000)
+        };
+        let stats = JemallocStats::default();
+        let started = hints(&with_prof(true), &stats, &sources(), &Outside::default());
+        assert!(started.is_empty(), "{started:?}");
+        let not_started = hints(&with_prof(false), &stats, &sources(), &Outside::default());
+        assert_eq!(
+            not_started,
+            [
+                "jemalloc's heap profiler is compiled in but was not started (opt.prof is false), \
+              so no heap profile can be taken: to have it available, start the process with the \
+              environment variable _RJEM_MALLOC_CONF=prof:true,prof_active:false, or build the \
+              options into the binary: #[unsafe(export_name = \"_rjem_malloc_conf\")] pub \
+              static MALLOC_CONF: &[u8] = b\"prof:true,prof_active:false\\0\";"
+            ]
+        );
+        let unprefixed = Sources {
+            names: OptionNames::UNPREFIXED,
+            ..sources()
+        };
+        let not_started = hints(&with_prof(false), &stats, &unprefixed, &Outside::default());
+        assert!(
+            not_started[0].contains("MALLOC_CONF=prof:true")
+                && not_started[0].contains(r#"#[unsafe(export_name = "malloc_conf")]"#)
+                && !not_started[0].contains("_rjem_"),
+            "{not_started:?}"
+        );
+    }
+
+    #[test]
+    fn the_profilers_options_are_reported_when_built_in() {
+        let settings = Settings {
+            prof: Some(ProfOptions {
+                started: true,
+                active_at_start: false,
+                lg_sample: 19,
+            }),
+            ..settings(true, 10_000)
+        };
+        let summary = StatsSummary::new(
+            &settings,
+            JemallocStats::default(),
+            Sources {
+                built_in: Some("prof:true,prof_active:false".into()),
+                ..sources()
+            },
+            &Outside::default(),
+        );
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(
+            json["profiler"],
+            serde_json::json!({"compiled_in":true,"started":true,"active_at_start":false,"lg_sample":19})
+        );
+        assert_eq!(
+            json["malloc_conf"]["built_in"],
+            "prof:true,prof_active:false"
         );
     }
 
