@@ -28,6 +28,10 @@ fn service(builder: JemallocLayerBuilder) -> JemallocServiceOf {
 
 type JemallocServiceOf = tower_jemalloc::JemallocService<Echo>;
 
+/// Held by the tests that expect a purge to run: purges take one process-wide slot, so two
+/// tests purging at once would see 409.
+static PURGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn debug_endpoints_are_closed_by_default_and_metrics_open() {
     let mut service = service(JemallocLayer::builder());
@@ -62,6 +66,7 @@ async fn debug_endpoints_are_closed_by_default_and_metrics_open() {
 
 #[tokio::test]
 async fn a_token_or_the_anonymous_opt_in_opens_them() {
+    let _purges = PURGES.lock().await;
     let mut guarded = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
     for path in ["/debug/jemalloc/stats?format=text"] {
         let answer = send(&mut guarded, request("GET", path)).await;
@@ -86,6 +91,7 @@ async fn a_token_or_the_anonymous_opt_in_opens_them() {
 
 #[tokio::test]
 async fn two_authorization_headers_run_nothing() {
+    let _purges = PURGES.lock().await;
     let mut service = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
     for pair in [
         ["Bearer wrong", "Bearer s3cret"],
@@ -249,6 +255,7 @@ fn by_mode(exposition: &Exposition, name: &str, mode: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn purge_telemetry_is_exported_at_zero_before_any_purge() {
+    let _purges = PURGES.lock().await;
     let mut service = service(
         JemallocLayer::builder()
             .namespace("restate")
@@ -368,6 +375,7 @@ async fn purges(service: &mut JemallocServiceOf) -> (f64, f64) {
 /// are unaffected.
 #[tokio::test]
 async fn no_other_website_can_make_a_browser_change_anything() {
+    let _purges = PURGES.lock().await;
     let host = ("host", "127.0.0.1:9070");
     let refused_writes: [(&str, &str, Headers<'_>); 6] = [
         (
@@ -479,6 +487,7 @@ async fn no_other_website_can_make_a_browser_change_anything() {
 /// access and `/metrics`.
 #[tokio::test]
 async fn anonymous_access_answers_only_ip_literals_and_localhost() {
+    let _purges = PURGES.lock().await;
     let mut anonymous = service(JemallocLayer::builder().allow_anonymous(Endpoint::Purge));
     for (method, uri) in [
         ("POST", "/debug/jemalloc/purge"),
@@ -605,6 +614,7 @@ async fn raw_http1(addr: std::net::SocketAddr, head: &str) -> String {
 /// rebinding and as the host an `Origin` must match.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_passes_and_http2_authority_is_checked_on_a_real_socket() {
+    let _purges = PURGES.lock().await;
     let addr = serve_anonymous().await;
     let port = addr.port();
 
