@@ -210,23 +210,10 @@ async fn gauges_sit_beside_the_applications_metrics_on_its_own_provider() {
 #[test]
 fn register_instruments_works_on_any_meter() {
     let _serial = EPOCH.lock().unwrap_or_else(|e| e.into_inner());
-    let registry = prometheus::Registry::new();
-    let exporter = opentelemetry_prometheus::exporter()
-        .with_registry(registry.clone())
-        .build()
-        .unwrap();
-    let provider = SdkMeterProvider::builder().with_reader(exporter).build();
-    tower_jemalloc::register_instruments(&provider.meter("otlp-only")).unwrap();
-    let names: Vec<String> = registry
-        .gather()
-        .iter()
-        .map(|family| family.name().to_owned())
-        .collect();
+    let samples = exported_with(|meter| tower_jemalloc::register_instruments(meter).unwrap());
     for gauge in GAUGES {
-        assert!(
-            names.contains(&format!("jemalloc_{gauge}_bytes")),
-            "{names:?}"
-        );
+        let name = format!("jemalloc_{gauge}_bytes");
+        assert!(samples.iter().any(|(s, _)| *s == name), "{samples:?}");
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 use axum::routing::get;
 use axum::Router;
 use common::client::{fetch, http1};
-use common::{request, send};
+use common::{request, send, serve_app};
 use http::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +42,7 @@ async fn metrics_answers_over_http_while_the_app_is_saturated() {
         .layer(JemallocLayer::new())
         .concurrency_limit(1)
         .service(router(Arc::clone(&entered), Arc::clone(&release)));
-    let addr = serve(app).await;
+    let addr = serve_app(app).await;
     let client = http1();
 
     let slow = tokio::spawn({
@@ -127,29 +127,4 @@ where
         .expect("ready within 1 s, whatever the inner service")
         .unwrap();
     service.call(request("GET", path))
-}
-
-/// Serves `app` with `axum::serve` on a loopback port.
-async fn serve<S>(app: S) -> std::net::SocketAddr
-where
-    S: Service<axum::extract::Request> + Clone + Send + Sync + 'static,
-    S::Response: axum::response::IntoResponse,
-    S::Error: Into<std::convert::Infallible>,
-    S::Future: Send,
-{
-    use axum::response::IntoResponse;
-    let app = app
-        .map_response(IntoResponse::into_response)
-        .map_err(Into::into);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
-        )
-        .await
-        .unwrap();
-    });
-    addr
 }

@@ -226,12 +226,23 @@ pub async fn serve_axum(
     router: axum::Router,
     layer: tower_jemalloc::JemallocLayer,
 ) -> std::net::SocketAddr {
-    use axum::response::IntoResponse;
     use tower::Layer;
-    let app = ServiceExt::<axum::extract::Request>::map_response(
-        layer.layer(router),
-        IntoResponse::into_response,
-    );
+    serve_app(layer.layer(router)).await
+}
+
+/// Serves any tower service of axum requests (a layered router, a `ServiceBuilder` stack)
+/// with `axum::serve` on a loopback port of the current runtime, and returns the address.
+pub async fn serve_app<S>(app: S) -> std::net::SocketAddr
+where
+    S: tower::Service<axum::extract::Request> + Clone + Send + Sync + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Error: Into<std::convert::Infallible>,
+    S::Future: Send,
+{
+    use axum::response::IntoResponse;
+    let app = app
+        .map_response(IntoResponse::into_response)
+        .map_err(Into::into);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
