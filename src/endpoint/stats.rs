@@ -32,8 +32,10 @@ use super::job::{Flight, Job, JobKind};
 use super::query::Query;
 use super::rate::Rate;
 use super::response::{self, Answer};
+use crate::governor::{Governor, Shedding};
 use crate::jemalloc::ctl::{Ctl, PrintOptions};
 use crate::jemalloc::dump::dump;
+use crate::jemalloc::summary::{governor_hints, GovernorFacts};
 use crate::jemalloc::{JemallocError, StatsSummary};
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -55,6 +57,8 @@ pub(crate) struct Stats {
     dumps: Counter<u64>,
     /// Answers per second, other than `HEAD`.
     rate: Rate,
+    governor: Arc<Governor>,
+    shedding: Arc<Shedding>,
 }
 
 /// What a stats request asks for.
@@ -128,6 +132,8 @@ impl Handler for Stats {
             text: Arc::new(Flight::new(context.runner(JobKind::StatsDump), window)),
             dumps,
             rate: Rate::new(context.settings.stats_rate_limit),
+            governor: Arc::clone(context.governor),
+            shedding: Arc::clone(context.shedding),
         }
     }
 
@@ -178,10 +184,11 @@ impl Handler for Stats {
                 ),
             )
         })?;
+        let facts = governor_facts(&self.governor, &self.shedding);
         flight.join_or_start(move || {
             dumps.add(1, &[format.attribute()]);
             let dumped = match format {
-                Format::Json => json_dump(ctl, max_bytes),
+                Format::Json => json_dump(ctl, max_bytes, facts),
                 Format::Text => text_dump(ctl, max_bytes),
             };
             dumped.unwrap_or_else(Dumped::Failed)
@@ -216,8 +223,24 @@ impl Handler for Stats {
     }
 }
 
-fn json_dump(ctl: &Ctl, max_bytes: usize) -> Result<Dumped, JemallocError> {
-    let summary = StatsSummary::read(ctl)?;
+/// The governor's state as the summary's hints need it.
+fn governor_facts(governor: &Governor, shedding: &Shedding) -> GovernorFacts {
+    let status = governor.status();
+    GovernorFacts {
+        limit: status.limit(),
+        usage: status.usage().unwrap_or(0),
+        unreclaimable: status.unreclaimable(),
+        shedding: shedding.active(),
+    }
+}
+
+fn json_dump(
+    ctl: &Ctl,
+    max_bytes: usize,
+    governor: GovernorFacts,
+) -> Result<Dumped, JemallocError> {
+    let mut summary = StatsSummary::read(ctl)?;
+    summary.hints.extend(governor_hints(&governor));
     let mut options = PrintOptions {
         json: true,
         compact: false,
