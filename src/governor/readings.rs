@@ -53,10 +53,10 @@ pub(crate) fn available() -> Option<(u64, &'static str)> {
 mod imp {
     use super::GiveBack;
     use crate::jemalloc::ctl::{ctl, ArenasControl};
-    use crate::system::{CgroupMemory, ProcessUsage};
+    use crate::system::limit::{detect_limit, memory_usage};
 
     pub(super) fn usage() -> Option<u64> {
-        ProcessUsage::read().map(|usage| usage.resident)
+        memory_usage().map(|usage| usage.bytes)
     }
 
     pub(super) fn reclaimable() -> Option<u64> {
@@ -77,13 +77,7 @@ mod imp {
     }
 
     pub(super) fn available() -> Option<(u64, &'static str)> {
-        if let Some(max) = CgroupMemory::read().and_then(|cgroup| cgroup.max) {
-            return Some((max, "cgroup v2 memory.max"));
-        }
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some((kib * 1024, "physical memory"))
+        detect_limit().map(|limit| (limit.bytes, limit.source.as_str()))
     }
 }
 

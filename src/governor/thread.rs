@@ -201,6 +201,9 @@ impl Governor {
     ///
     /// A one-line reason when a percentage is asked for and no limit can be detected.
     pub(crate) fn resolve(asked: MemoryLimit) -> Result<LimitSetting, String> {
+        // Detected again on every setting, explicit ones too: it also decides which usage
+        // the governor reads (the cgroup's, or the RSS), and a cgroup may have moved.
+        let detected = readings::available();
         if let MemoryLimit::Bytes(bytes) = asked {
             return Ok(LimitSetting {
                 asked,
@@ -208,7 +211,7 @@ impl Governor {
                 source: "explicit",
             });
         }
-        let Some((available, source)) = readings::available() else {
+        let Some((available, source)) = detected else {
             return Err(format!(
                 "memory_limit={asked} needs a limit to take a percentage of, and none was \
                  found (no cgroup limit, no /proc/meminfo): give bytes instead"
