@@ -125,27 +125,18 @@ impl<S> JemallocService<S> {
 
 impl<S> JemallocService<S> {
     /// The 503 for a forwarded request while the process is over its memory limit and this
-    /// layer sheds, or the request back when the layer's `shed_when` spares it.
+    /// layer sheds, or `None` when the layer's `shed_when` spares the request.
     #[cold]
     #[inline(never)]
-    fn shed<ReqBody>(
-        &self,
-        req: Request<ReqBody>,
-    ) -> Result<Response<Full<Bytes>>, Request<ReqBody>> {
+    fn shed(&self, parts: &http::request::Parts) -> Option<Response<Full<Bytes>>> {
         let guard = &self.shared.guard;
-        let req = match &guard.shed_when {
-            Some(shed_when) => {
-                let (parts, body) = req.into_parts();
-                if !shed_when(&parts) {
-                    return Err(Request::from_parts(parts, body));
-                }
-                Request::from_parts(parts, body)
+        if let Some(shed_when) = &guard.shed_when {
+            if !shed_when(parts) {
+                return None;
             }
-            None => req,
-        };
-        drop(req);
+        }
         guard.shedding.count();
-        Ok(shed_answer(guard.governor.status()))
+        Some(shed_answer(guard.governor.status()))
     }
 
     /// The answer to a forwarded request that arrived while the inner service was not ready:
@@ -216,10 +207,11 @@ where
             // One load and a branch while not shedding: the flag is set by the governor thread
             // only while this layer sheds and the process is over its limit.
             let req = if self.shared.guard.shedding.active() {
-                match self.shed(req) {
-                    Ok(answer) => return ResponseFuture::reply(Reply::Now(answer)),
-                    Err(req) => req,
+                let (parts, body) = req.into_parts();
+                if let Some(answer) = self.shed(&parts) {
+                    return ResponseFuture::reply(Reply::Now(answer));
                 }
+                Request::from_parts(parts, body)
             } else {
                 req
             };
