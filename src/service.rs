@@ -4,7 +4,7 @@ use crate::endpoint::{
     discard, shed_answer, Endpoint, Predicate, Reply, Routes, MAX_DISCARDED_BODY,
 };
 use crate::future::ResponseFuture;
-use crate::governor::{Governor, Shedding};
+use crate::governor::{Governor, HoldsShedding, Shedding};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -74,21 +74,28 @@ pub(crate) struct Shared {
     /// Held here too because dropping the last handle of a provider shuts its readers down:
     /// `/metrics` must keep working after the layer itself is gone.
     pub(crate) provider: Option<SdkMeterProvider>,
+    /// This layer's shedding switch, inline: a forwarded request reads its flag with one load
+    /// from the pointer to this struct, which it has already loaded to match the path.
+    pub(crate) shedding: Shedding,
     pub(crate) guard: Guard,
 }
 
+impl HoldsShedding for Shared {
+    fn shedding(&self) -> &Shedding {
+        &self.shedding
+    }
+}
+
 /// The layer's part in the memory governor: its hold on the process's governor (which stops
-/// when the last one goes), its shedding switch, and which requests may be shed.
+/// when the last one goes), and which requests may be shed.
 pub(crate) struct Guard {
     pub(crate) governor: Arc<Governor>,
-    pub(crate) shedding: Arc<Shedding>,
     pub(crate) shed_when: Option<Predicate>,
 }
 
 impl fmt::Debug for Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
-            .field("shed_requests", &self.shedding.enabled())
             .field("shed_when", &self.shed_when.as_ref().map(|_| "<fn>"))
             .finish()
     }
@@ -135,7 +142,7 @@ impl<S> JemallocService<S> {
                 return None;
             }
         }
-        guard.shedding.count();
+        self.shared.shedding.count();
         Some(shed_answer(guard.governor.status()))
     }
 
@@ -206,7 +213,7 @@ where
         let Some(index) = self.shared.routes.find(req.uri().path()) else {
             // One load and a branch while not shedding: the flag is set by the governor thread
             // only while this layer sheds and the process is over its limit.
-            let req = if self.shared.guard.shedding.active() {
+            let req = if self.shared.shedding.active() {
                 let (parts, body) = req.into_parts();
                 if let Some(answer) = self.shed(&parts) {
                     return ResponseFuture::reply(Reply::Now(answer));

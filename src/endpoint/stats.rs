@@ -32,7 +32,7 @@ use super::job::{Flight, Job, JobKind};
 use super::query::Query;
 use super::rate::Rate;
 use super::response::{self, Answer};
-use crate::governor::{Governor, Shedding};
+use crate::governor::{Governor, HoldsShedding};
 use crate::jemalloc::ctl::{Ctl, PrintOptions};
 use crate::jemalloc::dump::dump;
 use crate::jemalloc::summary::{governor_hints, GovernorFacts};
@@ -58,7 +58,8 @@ pub(crate) struct Stats {
     /// Answers per second, other than `HEAD`.
     rate: Rate,
     governor: Arc<Governor>,
-    shedding: Arc<Shedding>,
+    /// The layer's shared state, which holds its shedding switch (weak: it holds this).
+    shedding: std::sync::Weak<dyn HoldsShedding>,
 }
 
 /// What a stats request asks for.
@@ -133,7 +134,7 @@ impl Handler for Stats {
             dumps,
             rate: Rate::new(context.settings.stats_rate_limit),
             governor: Arc::clone(context.governor),
-            shedding: Arc::clone(context.shedding),
+            shedding: std::sync::Weak::clone(context.shedding),
         }
     }
 
@@ -184,7 +185,11 @@ impl Handler for Stats {
                 ),
             )
         })?;
-        let facts = governor_facts(&self.governor, &self.shedding);
+        let shedding = self
+            .shedding
+            .upgrade()
+            .is_some_and(|h| h.shedding().active());
+        let facts = governor_facts(&self.governor, shedding);
         flight.join_or_start(move || {
             dumps.add(1, &[format.attribute()]);
             let dumped = match format {
@@ -224,13 +229,13 @@ impl Handler for Stats {
 }
 
 /// The governor's state as the summary's hints need it.
-fn governor_facts(governor: &Governor, shedding: &Shedding) -> GovernorFacts {
+fn governor_facts(governor: &Governor, shedding: bool) -> GovernorFacts {
     let status = governor.status();
     GovernorFacts {
         limit: status.limit(),
         usage: status.usage().unwrap_or(0),
         unreclaimable: status.unreclaimable(),
-        shedding: shedding.active(),
+        shedding,
     }
 }
 

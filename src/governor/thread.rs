@@ -94,7 +94,13 @@ struct Control {
     epoch: u64,
     running: bool,
     /// Every layer's shedding switch.
-    sheds: Vec<Weak<Shedding>>,
+    sheds: Vec<Weak<dyn HoldsShedding>>,
+}
+
+/// What holds a layer's [`Shedding`] switch: the layer's shared state, which keeps it inline
+/// so that a forwarded request reads it with one load from a pointer it already has.
+pub(crate) trait HoldsShedding: Send + Sync {
+    fn shedding(&self) -> &Shedding;
 }
 
 /// One layer's load-shedding switch: the service reads [`active`](Self::active), one atomic
@@ -172,12 +178,13 @@ impl Governor {
         lock(&self.inner.control).limit.clone()
     }
 
-    /// A new shedding switch for a layer, on or off.
-    pub(crate) fn shedding(&self, enabled: bool) -> Arc<Shedding> {
-        let shedding = Arc::new(Shedding::default());
+    /// A new shedding switch, on or off, for the layer `holder` is being built into (it
+    /// cannot be upgraded yet): the governor sets it from now on.
+    pub(crate) fn shedding(&self, holder: Weak<dyn HoldsShedding>, enabled: bool) -> Shedding {
+        let shedding = Shedding::default();
         let mut control = lock(&self.inner.control);
         control.sheds.retain(|shed| shed.strong_count() > 0);
-        control.sheds.push(Arc::downgrade(&shedding));
+        control.sheds.push(holder);
         self.set_shedding_locked(&shedding, enabled);
         shedding
     }
@@ -223,17 +230,6 @@ impl Governor {
             bytes: bytes.max(super::limit::MIN_LIMIT_BYTES),
             source,
         })
-    }
-
-    /// Sets the limit ([`resolve`](Self::resolve)d) and starts the thread if it is not
-    /// running.
-    ///
-    /// # Errors
-    ///
-    /// A one-line reason when a percentage cannot be resolved or the thread cannot start.
-    pub(crate) fn set_limit(&self, limit: Option<MemoryLimit>) -> Result<(), String> {
-        let setting = limit.map(Self::resolve).transpose()?;
-        self.apply_limit(setting)
     }
 
     /// Sets a resolved limit (starting the thread if it is not running) or clears it
@@ -301,7 +297,8 @@ fn publish_pressure(inner: &Inner, control: &Control, pressure: Pressure) {
         .pressure
         .store(pressure.as_gauge() as u8, Relaxed);
     let over = pressure == Pressure::Over;
-    for shed in control.sheds.iter().filter_map(Weak::upgrade) {
+    for holder in control.sheds.iter().filter_map(Weak::upgrade) {
+        let shed = holder.shedding();
         shed.active.store(over && shed.enabled(), Relaxed);
     }
     inner.pressure.send_if_modified(|current| {
