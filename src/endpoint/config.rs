@@ -444,6 +444,53 @@ mod tests {
         );
     }
 
+    fn governor(query: &str) -> Result<GovernorChange, String> {
+        let checked = Query::check(Some(query), Config::PARAMS, "/debug/jemalloc/config");
+        checked.and_then(parse_governor).map_err(|answer| {
+            assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+            format!("{:?}", answer.into_body())
+        })
+    }
+
+    #[test]
+    fn the_governors_settings_parse_with_jemallocs() {
+        assert_eq!(
+            governor("memory_limit=320MiB&shed_requests=true&dirty_decay_ms=5"),
+            Ok(GovernorChange {
+                memory_limit: Some(Some(MemoryLimit::Bytes(320 << 20))),
+                shed_requests: Some(true),
+            })
+        );
+        assert_eq!(
+            governor("memory_limit=none"),
+            Ok(GovernorChange {
+                memory_limit: Some(None),
+                shed_requests: None,
+            })
+        );
+        assert_eq!(
+            governor("memory_limit=90%&shed_requests=false"),
+            Ok(GovernorChange {
+                memory_limit: Some(Some(MemoryLimit::PercentOfAvailable(90.0))),
+                shed_requests: Some(false),
+            })
+        );
+        assert!(governor("dirty_decay_ms=5").unwrap().is_empty());
+        for (query, expected) in [
+            (
+                "memory_limit=320MB",
+                "use bytes (1048576), KiB, MiB, GiB or TiB",
+            ),
+            ("memory_limit=None", "or memory_limit=none to clear it"),
+            ("memory_limit=0%", "from 1% to 100%"),
+            ("shed_requests=1", "use shed_requests=true|false"),
+            ("shed_requests=true&shed_requests=false", "given twice"),
+        ] {
+            let reason = governor(query).unwrap_err();
+            assert!(reason.contains(expected), "{query}: {reason}");
+        }
+    }
+
     #[test]
     fn bad_values_signs_and_repeated_names_are_refused() {
         for (query, expected) in [
