@@ -5,9 +5,7 @@ use crate::endpoint::{
 };
 use crate::future::ResponseFuture;
 use crate::governor::{Governor, HoldsShedding, Shedding};
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
 use std::sync::Arc;
@@ -131,19 +129,35 @@ impl<S> JemallocService<S> {
 }
 
 impl<S> JemallocService<S> {
-    /// The 503 for a forwarded request while the process is over its memory limit and this
-    /// layer sheds, or `None` when the layer's `shed_when` spares the request.
+    /// A forwarded request while this layer sheds: the 503, or, when the layer's `shed_when`
+    /// spares the request, the usual forwarding. Out of line, so that the direct path keeps
+    /// only the flag's test.
     #[cold]
     #[inline(never)]
-    fn shed(&self, parts: &http::request::Parts) -> Option<Response<Full<Bytes>>> {
-        let guard = &self.shared.guard;
-        if let Some(shed_when) = &guard.shed_when {
-            if !shed_when(parts) {
-                return None;
-            }
+    fn call_while_shedding<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Send + 'static,
+    {
+        let (parts, body) = req.into_parts();
+        let shed = match &self.shared.guard.shed_when {
+            Some(shed_when) => shed_when(&parts),
+            None => true,
+        };
+        if shed {
+            self.shared.shedding.count();
+            let status = self.shared.guard.governor.status();
+            return ResponseFuture::reply(Reply::Now(shed_answer(status)));
         }
-        self.shared.shedding.count();
-        Some(shed_answer(guard.governor.status()))
+        let req = Request::from_parts(parts, body);
+        if std::mem::take(&mut self.inner_ready) {
+            return ResponseFuture::inner(self.inner.call(req));
+        }
+        ResponseFuture::waiting(self.wait_for_inner(req))
     }
 
     /// The answer to a forwarded request that arrived while the inner service was not ready:
@@ -211,17 +225,12 @@ where
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some(index) = self.shared.routes.find(req.uri().path()) else {
-            // One load and a branch while not shedding: the flag is set by the governor thread
-            // only while this layer sheds and the process is over its limit.
-            let req = if self.shared.shedding.active() {
-                let (parts, body) = req.into_parts();
-                if let Some(answer) = self.shed(&parts) {
-                    return ResponseFuture::reply(Reply::Now(answer));
-                }
-                Request::from_parts(parts, body)
-            } else {
-                req
-            };
+            // One load and a branch while not shedding: the flag sits in the shared state this
+            // call has already loaded, and the governor sets it only while this layer sheds
+            // and the process is over its limit. Everything else is out of line.
+            if self.shared.shedding.active() {
+                return self.call_while_shedding(req);
+            }
             if std::mem::take(&mut self.inner_ready) {
                 return ResponseFuture::inner(self.inner.call(req));
             }

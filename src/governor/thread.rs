@@ -244,6 +244,13 @@ impl Governor {
         control.changes += 1;
         match &setting {
             Some(setting) => {
+                tracing::info!(
+                    limit = setting.bytes,
+                    source = setting.source,
+                    "memory governor: keeping the process under {} MiB ({})",
+                    setting.bytes >> 20,
+                    setting.asked,
+                );
                 self.inner.status.limit.store(setting.bytes, Relaxed);
                 if !control.running {
                     control.running = true;
@@ -262,6 +269,9 @@ impl Governor {
                 }
             }
             None => {
+                if control.running {
+                    tracing::info!("memory governor: limit cleared, stopping");
+                }
                 retire(&self.inner, &mut control);
             }
         }
