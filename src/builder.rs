@@ -555,7 +555,10 @@ impl JemallocLayerBuilder {
             // shared state, weakly: the shared state holds them.
             let holder: Weak<dyn HoldsShedding> = shared.clone();
             let shedding = governor.shedding(Weak::clone(&holder), self.shed_requests);
-            crate::telemetry::governor::register(&meter, &governor, &holder);
+            // Like the jemalloc gauges, left out when jemalloc is not usable here.
+            if crate::jemalloc::ctl::ctl().is_ok() {
+                crate::telemetry::governor::register(&meter, &governor, &holder);
+            }
             let context = Context {
                 registry: &registry,
                 meter: &meter,
