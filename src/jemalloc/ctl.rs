@@ -727,15 +727,6 @@ mod unsupported {
         pub(crate) fn arenas_control(&self, _: ArenasControl) -> Result<(), JemallocError> {
             match *self {}
         }
-        pub(crate) fn arena_control(&self, _: u32, _: ArenasControl) -> Result<(), JemallocError> {
-            match *self {}
-        }
-        pub(crate) fn advance_epoch(&self) -> Result<(), JemallocError> {
-            match *self {}
-        }
-        pub(crate) fn arena_unused(&self, _: u32) -> Result<(u64, u64), JemallocError> {
-            match *self {}
-        }
         pub(crate) fn settings(&self) -> Result<Settings, JemallocError> {
             match *self {}
         }

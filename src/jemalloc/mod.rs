@@ -19,7 +19,7 @@ mod error;
 #[cfg(all(jemalloc, fault_injection))]
 pub(crate) mod fault;
 pub(crate) mod figures;
-#[allow(dead_code)] // The memory governor (`src/governor/`) is what uses it.
+#[cfg(jemalloc)]
 pub(crate) mod give_back;
 pub(crate) mod options;
 mod process_slot;

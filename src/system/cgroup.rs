@@ -160,6 +160,7 @@ impl Cgroup {
     /// Kubernetes pod, binds the processes of every cgroup below it). Answers the directory
     /// that sets it (the deepest one on a tie) and the limit in bytes; `None` when no cgroup on
     /// the way has one.
+    #[cfg(any(jemalloc, test))]
     pub(crate) fn binding_limit(&self) -> Option<(PathBuf, u64)> {
         let mut binding: Option<(PathBuf, u64)> = None;
         let mut directory = self.directory.as_path();

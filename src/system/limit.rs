@@ -85,6 +85,7 @@ pub(crate) fn detect_limit() -> Option<DetectedLimit> {
 }
 
 /// [`detect_limit`] with every file read below `root`.
+#[cfg(test)]
 pub(crate) fn detect_limit_in(root: &Path) -> Option<DetectedLimit> {
     Detection::of(root, Cgroup::find_in(root).as_ref()).limit
 }
@@ -103,6 +104,7 @@ pub(crate) fn memory_usage() -> Option<MemoryUsage> {
 }
 
 /// [`memory_usage`] with every file read below `root` (nothing is remembered between calls).
+#[cfg(test)]
 pub(crate) fn memory_usage_in(root: &Path) -> Option<MemoryUsage> {
     Detection::of(root, Cgroup::find_in(root).as_ref())
         .usage

@@ -7,8 +7,8 @@
 //! - [`limit`]: the limit the process must stay under and its usage by the same measure.
 
 mod cgroup;
-// The memory governor (`src/governor/`) is what uses this module.
-#[allow(dead_code)]
+// Used by the memory governor, which needs jemalloc to give pages back.
+#[cfg(jemalloc)]
 pub(crate) mod limit;
 mod process;
 

@@ -47,6 +47,7 @@ impl ProcessUsage {
 
     /// Reads `root/proc/self/statm` instead, for tests (the page size is still this
     /// process's).
+    #[cfg(jemalloc)]
     pub(crate) fn read_in(root: &std::path::Path) -> Option<Self> {
         imp::usage_in(root)
     }
