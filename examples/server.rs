@@ -8,6 +8,10 @@
 //! curl -s -X POST localhost:9070/debug/jemalloc/purge
 //! ```
 //!
+//! `POST /demo/work?mib=N&ms=T` is a request that needs N MiB for T ms, as a real handler
+//! would: many may run at once (at most 64, holding at most 4096 MiB together; 429 with
+//! `Retry-After: 1` beyond), which makes load to try a memory limit with (`common/work.rs`).
+//!
 //! Built with `--features profiling`, it starts with jemalloc's heap profiler available and
 //! inactive, and `POST /demo/leak?mib=N` keeps memory on purpose, for finding it in a profile
 //! (README, "Find what holds the memory"):
@@ -56,7 +60,7 @@ static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::
 static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
 
 /// The routes that allocate on request, named in the guard's answers.
-const DEMO_ROUTES: &str = "the /demo/* routes (churn, leak)";
+const DEMO_ROUTES: &str = "the /demo/* routes (churn, leak, work)";
 
 #[tokio::main]
 async fn main() {
@@ -73,6 +77,7 @@ async fn main() {
         .with_state(Arc::new(Semaphore::new(1)))
         .route("/demo/leak", post(leak).delete(release))
         .with_state(Leaked::default())
+        .merge(common::work::router(common::work::Work::default()))
         .route_layer(axum::middleware::from_fn_with_state(
             guard.clone(),
             loopback_or_token,
@@ -97,6 +102,9 @@ async fn main() {
     ));
     common::say(format_args!(
         "  curl -s -X POST 'http://{url}/demo/churn?mib=512'"
+    ));
+    common::say(format_args!(
+        "  curl -s -X POST 'http://{url}/demo/work?mib=64&ms=500'"
     ));
     common::say(format_args!("  {}", args.purge_command(bound)));
     common::say(format_args!("  {}", guard.rule()));

@@ -5,6 +5,7 @@
 
 pub mod loopback;
 pub mod serve;
+pub mod work;
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -12,7 +13,8 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder};
 
-/// An example-specific flag that takes a value: name (`--interval`), value name, help.
+/// An example-specific flag: name (`--interval`), value name, help. A flag with an empty value
+/// name is a switch that takes no value (`--shed-requests`): given, its value is `"true"`.
 pub type Flag = (&'static str, &'static str, &'static str);
 
 /// The parsed command line.
@@ -157,7 +159,7 @@ pub fn parse_with_notes(program: &str, port: u16, flags: &[Flag], notes: &str) -
     let mut usage =
         format!("usage: {program} [--addr HOST:PORT] [--namespace NAME] [--purge-token TOKEN]");
     for (name, value, _) in flags {
-        usage.push_str(&format!(" [{name} {value}]"));
+        usage.push_str(&format!(" [{}]", format!("{name} {value}").trim_end()));
     }
     usage.push_str(&format!(
         "\n  --addr HOST:PORT     address to listen on, an IP or a host name (default 127.0.0.1:{port})\
@@ -174,7 +176,8 @@ pub fn parse_with_notes(program: &str, port: u16, flags: &[Flag], notes: &str) -
             .join(", ")
     ));
     for (name, value, help) in flags {
-        usage.push_str(&format!("\n  {:<19}  {help}", format!("{name} {value}")));
+        let flag = format!("{name} {value}");
+        usage.push_str(&format!("\n  {:<19}  {help}", flag.trim_end()));
     }
     if !notes.is_empty() {
         usage.push_str(&format!("\n\n{notes}"));
@@ -223,6 +226,9 @@ pub fn parse_from(
             "--purge-token" => args.purge_token = Some(value("--purge-token")?),
             "-h" | "--help" => return Err(String::new()),
             other => match flags.iter().find(|(name, _, _)| *name == other) {
+                Some((name, "", _)) => {
+                    args.extra.insert(name, "true".to_owned());
+                }
                 Some((name, _, _)) => {
                     let v = value(name)?;
                     args.extra.insert(name, v);
