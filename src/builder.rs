@@ -12,7 +12,9 @@
 use crate::endpoint::{
     validate_token, Access, Context, Endpoint, JobTelemetry, Predicate, Route, Routes, Settings,
 };
+use crate::governor::{Governor, MemoryLimit};
 use crate::layer::JemallocLayer;
+use crate::service::Guard;
 use crate::telemetry::instruments::{register_instruments_with, InstrumentOptions};
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -95,6 +97,9 @@ pub struct JemallocLayerBuilder {
     /// One per endpoint, in the order of [`Endpoint::ALL`].
     endpoints: Vec<(Endpoint, EndpointConfig)>,
     settings: Settings,
+    memory_limit: Option<MemoryLimit>,
+    shed_requests: bool,
+    shed_when: Option<Predicate>,
 }
 
 impl Default for JemallocLayerBuilder {
@@ -116,6 +121,9 @@ impl Default for JemallocLayerBuilder {
             registry: None,
             endpoints,
             settings: Settings::default(),
+            memory_limit: None,
+            shed_requests: false,
+            shed_when: None,
         }
     }
 }
@@ -127,6 +135,9 @@ impl fmt::Debug for JemallocLayerBuilder {
             .field("own_registry", &self.registry.is_some())
             .field("endpoints", &self.endpoints)
             .field("settings", &self.settings)
+            .field("memory_limit", &self.memory_limit)
+            .field("shed_requests", &self.shed_requests)
+            .field("shed_when", &self.shed_when.as_ref().map(|_| "<fn>"))
             .finish()
     }
 }
@@ -366,6 +377,84 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// Keeps the process under `limit` (default: no limit): the memory governor watches what
+    /// the OOM killer watches (the cgroup's usage inside a cgroup with a limit, otherwise the
+    /// process's RSS) on its own thread, `jemalloc-governor`, and above 90 % of the limit
+    /// gives jemalloc's cached (dirty, then muzzy) pages back to the OS by amount, the arenas
+    /// holding the most first, spending at most 10 % of one core on it. The policy's numbers
+    /// (poll intervals, the budget, the "nothing left to give back" state) are documented in
+    /// the README's "Stay under a memory limit".
+    ///
+    /// There is one governor per process, since there is one jemalloc and one RSS: it starts
+    /// when the first layer with a limit is built, a second layer built with a limit replaces
+    /// the limit (the last one set wins), and every layer reports the same pressure. It stops
+    /// when the limit is cleared (`PUT /debug/jemalloc/config?memory_limit=none`) or when the
+    /// last layer and every service it made are dropped. The limit can also be set or changed
+    /// at run time through the config endpoint, on a layer built without one.
+    ///
+    /// A [`MemoryLimit::PercentOfAvailable`] is taken of the limit detected at build time
+    /// (cgroup v2 `memory.max`, cgroup v1 `memory.limit_in_bytes`, then physical memory).
+    ///
+    /// ```
+    /// use tower_jemalloc::{JemallocLayer, MemoryLimit};
+    ///
+    /// let layer = JemallocLayer::builder()
+    ///     .memory_limit("320MiB".parse()?)
+    ///     .shed_requests(true)
+    ///     .build()?;
+    /// # drop(layer);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn memory_limit(mut self, limit: MemoryLimit) -> Self {
+        self.memory_limit = Some(limit);
+        self
+    }
+
+    /// Whether forwarded requests are shed while the process is over its memory limit after
+    /// the governor gave back what it could (default `false`): they get a 503 with
+    /// `Retry-After: 1` and a one-line reason (`shedding load: memory use 700 MiB is over the
+    /// limit 640 MiB`) instead of reaching the inner service, and count in
+    /// `jemalloc_shed_requests_total`. Serving resumes at the governor's next poll after usage
+    /// falls back under the limit. The layer's own endpoints always answer, so `/metrics` is
+    /// scraped and the debug endpoints can be used while it sheds. Only [`Pressure::Over`]
+    /// sheds; [`Pressure::Near`] never does.
+    ///
+    /// Switched at run time with `PUT /debug/jemalloc/config?shed_requests=true|false`.
+    /// Without a memory limit nothing is ever shed.
+    ///
+    /// [`Pressure::Over`]: crate::Pressure::Over
+    /// [`Pressure::Near`]: crate::Pressure::Near
+    pub fn shed_requests(mut self, enabled: bool) -> Self {
+        self.shed_requests = enabled;
+        self
+    }
+
+    /// Which forwarded requests may be shed (default: all of them). `shed` sees the method,
+    /// URI, headers and extensions, and returns `true` for a request that may be turned away;
+    /// the others reach the inner service whatever the memory use, for example health checks
+    /// or requests that free memory. Called only while shedding, so it costs nothing
+    /// otherwise; it must not block. Shedding itself is switched on by
+    /// [`shed_requests`](Self::shed_requests).
+    ///
+    /// ```
+    /// use tower_jemalloc::JemallocLayer;
+    ///
+    /// let layer = JemallocLayer::builder()
+    ///     .memory_limit("2GiB".parse()?)
+    ///     .shed_requests(true)
+    ///     .shed_when(|request| request.uri().path() != "/healthz")
+    ///     .build()?;
+    /// # drop(layer);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn shed_when<F>(mut self, shed: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.shed_when = Some(Arc::new(shed));
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     ///
     /// When jemalloc's statistics cannot be read in this process (it is not the global
@@ -378,7 +467,8 @@ impl JemallocLayerBuilder {
     /// A [`BuildError`] naming the bad setting: a path that is not an absolute path, two
     /// endpoints on the same path, an invalid namespace, a namespace given with your own
     /// registry, the exporter failing to register, a token that cannot be sent in a header,
-    /// a scrape limit of zero, or a job deadline of zero.
+    /// a scrape limit of zero, a job deadline of zero, or a memory limit given as a percentage
+    /// when no limit can be detected to take it of.
     pub fn build(self) -> Result<JemallocLayer, BuildError> {
         if self.settings.max_concurrent_scrapes == 0 {
             return Err(BuildError::ZeroScrapeLimit);
@@ -448,6 +538,10 @@ impl JemallocLayerBuilder {
             .iter()
             .flat_map(|(endpoint, ..)| endpoint.zero_histograms().iter().copied())
             .collect();
+        let governor = Governor::process();
+        let shedding = governor.shedding(self.shed_requests);
+        crate::telemetry::governor::register(&meter, &governor, &shedding);
+
         let jobs = JobTelemetry::new(&meter);
         let context = Context {
             registry: &registry,
@@ -455,15 +549,27 @@ impl JemallocLayerBuilder {
             settings: &self.settings,
             zero_histograms: &zero_histograms,
             jobs: &jobs,
+            governor: &governor,
+            shedding: &shedding,
         };
         let routes = paths
             .into_iter()
             .map(|(endpoint, path, access)| Route::new(endpoint, path, access, &context))
             .collect();
+        if let Some(limit) = self.memory_limit {
+            governor
+                .set_limit(Some(limit))
+                .map_err(BuildError::MemoryLimit)?;
+        }
         Ok(JemallocLayer::from_parts(
             Routes::new(routes),
             registry,
             provider,
+            Guard {
+                governor,
+                shedding,
+                shed_when: self.shed_when,
+            },
         ))
     }
 
@@ -569,6 +675,10 @@ pub enum BuildError {
     /// to every request that has to wait for its job.
     #[error("job_deadline is 0, which answers 503 to every request that waits for its job")]
     ZeroJobDeadline,
+    /// The [`memory_limit`](JemallocLayerBuilder::memory_limit) cannot be set: a percentage
+    /// with no limit detected to take it of, or the governor thread could not start.
+    #[error("cannot set the memory limit: {0}")]
+    MemoryLimit(String),
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! file, beside the configuration they check.
 
 use crate::endpoint::{Endpoint, Routes};
-use crate::service::{JemallocService, Shared};
+use crate::governor::Pressure;
+use crate::service::{Guard, JemallocService, Shared};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
 use std::sync::Arc;
@@ -64,14 +65,57 @@ impl JemallocLayer {
         routes: Routes,
         registry: prometheus::Registry,
         provider: Option<SdkMeterProvider>,
+        guard: Guard,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 routes,
                 registry,
                 provider,
+                guard,
             }),
         }
+    }
+
+    /// The memory pressure as the governor judges it, to react to: [`Pressure::Ok`] under
+    /// the high-water mark (90 % of the limit), [`Pressure::Near`] above it while the
+    /// governor gives cached pages back, [`Pressure::Over`] above the limit after giving back
+    /// what it could. `Ok` for ever while no limit is set (see
+    /// [`memory_limit`](crate::JemallocLayerBuilder::memory_limit)). There is one governor
+    /// per process: every layer's receiver sees the same state. A change is published at the
+    /// governor's poll that sees it (every 100 ms far from the limit, every 2 ms near it).
+    ///
+    /// The receiver's `changed()` ends with an error once the last layer is dropped and the
+    /// governor stops; `borrow()` still gives the last state.
+    ///
+    /// # Example: drop a cache near the limit
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use std::sync::{Arc, Mutex};
+    /// use tower_jemalloc::{JemallocLayer, Pressure};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+    /// let layer = JemallocLayer::builder().memory_limit("2GiB".parse()?).build()?;
+    ///
+    /// let mut pressure = layer.memory_pressure();
+    /// let cached = Arc::clone(&cache);
+    /// tokio::spawn(async move {
+    ///     while pressure.changed().await.is_ok() {
+    ///         let now = *pressure.borrow_and_update();
+    ///         if now != Pressure::Ok {
+    ///             // Memory the governor cannot give back: the application's own.
+    ///             cached.lock().unwrap().clear();
+    ///         }
+    ///     }
+    /// });
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn memory_pressure(&self) -> tokio::sync::watch::Receiver<Pressure> {
+        self.shared.guard.governor.subscribe()
     }
 
     /// The Prometheus registry `/metrics` serves.

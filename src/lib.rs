@@ -225,6 +225,9 @@ mod service;
 // The endpoints the layer answers, through one pipeline.
 mod endpoint;
 
+// The memory governor: a limit, giving cached pages back by amount, and the pressure state.
+mod governor;
+
 // The lower layers, which know nothing of HTTP: jemalloc itself, the operating system's view
 // of the process, and the OpenTelemetry instruments and Prometheus exposition built on both.
 mod jemalloc;
@@ -239,6 +242,7 @@ pub use endpoint::{
     DEFAULT_STATS_REUSE_WINDOW,
 };
 pub use future::ResponseFuture;
+pub use governor::{MemoryLimit, MemoryLimitError, Pressure};
 pub use jemalloc::{
     purge_all_arenas, ArenaDecay, BackgroundThread, ConfigUpdate, JemallocConfig, JemallocError,
     JemallocStats, MallocConf, OsMemory, Profiler, ProfilingChange, ProfilingStatus, PurgeError,

@@ -1,8 +1,13 @@
 //! [`JemallocService`]: the service [`JemallocLayer`](crate::JemallocLayer) produces.
 
-use crate::endpoint::{discard, Endpoint, Reply, Routes, MAX_DISCARDED_BODY};
+use crate::endpoint::{
+    discard, shed_answer, Endpoint, Predicate, Reply, Routes, MAX_DISCARDED_BODY,
+};
 use crate::future::ResponseFuture;
+use crate::governor::{Governor, Shedding};
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::Full;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
 use std::sync::Arc;
@@ -69,6 +74,24 @@ pub(crate) struct Shared {
     /// Held here too because dropping the last handle of a provider shuts its readers down:
     /// `/metrics` must keep working after the layer itself is gone.
     pub(crate) provider: Option<SdkMeterProvider>,
+    pub(crate) guard: Guard,
+}
+
+/// The layer's part in the memory governor: its hold on the process's governor (which stops
+/// when the last one goes), its shedding switch, and which requests may be shed.
+pub(crate) struct Guard {
+    pub(crate) governor: Arc<Governor>,
+    pub(crate) shedding: Arc<Shedding>,
+    pub(crate) shed_when: Option<Predicate>,
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("shed_requests", &self.shedding.enabled())
+            .field("shed_when", &self.shed_when.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
 }
 
 impl<S> JemallocService<S> {
@@ -101,6 +124,30 @@ impl<S> JemallocService<S> {
 }
 
 impl<S> JemallocService<S> {
+    /// The 503 for a forwarded request while the process is over its memory limit and this
+    /// layer sheds, or the request back when the layer's `shed_when` spares it.
+    #[cold]
+    #[inline(never)]
+    fn shed<ReqBody>(
+        &self,
+        req: Request<ReqBody>,
+    ) -> Result<Response<Full<Bytes>>, Request<ReqBody>> {
+        let guard = &self.shared.guard;
+        let req = match &guard.shed_when {
+            Some(shed_when) => {
+                let (parts, body) = req.into_parts();
+                if !shed_when(&parts) {
+                    return Err(Request::from_parts(parts, body));
+                }
+                Request::from_parts(parts, body)
+            }
+            None => req,
+        };
+        drop(req);
+        guard.shedding.count();
+        Ok(shed_answer(guard.governor.status()))
+    }
+
     /// The answer to a forwarded request that arrived while the inner service was not ready:
     /// the inner service (whatever readiness it is acquiring goes with it) waits in the
     /// response future, and a clone takes its place for the requests after this one.
@@ -166,6 +213,16 @@ where
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some(index) = self.shared.routes.find(req.uri().path()) else {
+            // One load and a branch while not shedding: the flag is set by the governor thread
+            // only while this layer sheds and the process is over its limit.
+            let req = if self.shared.guard.shedding.active() {
+                match self.shed(req) {
+                    Ok(answer) => return ResponseFuture::reply(Reply::Now(answer)),
+                    Err(req) => req,
+                }
+            } else {
+                req
+            };
             if std::mem::take(&mut self.inner_ready) {
                 return ResponseFuture::inner(self.inner.call(req));
             }

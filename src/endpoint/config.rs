@@ -2,9 +2,15 @@
 //!
 //! - `GET` answers the live settings as a JSON [`JemallocConfig`](crate::JemallocConfig):
 //!   whether background threads run, how many at most, the decay times for new arenas, and
-//!   the arenas whose own decay times differ. It takes no parameters.
+//!   the arenas whose own decay times differ; beside them, the memory governor's settings:
+//!   `"memory_limit"` (bytes, or `null` when none is set), `"memory_limit_source"`
+//!   (`"explicit"` for bytes, else where the limit a percentage was taken of came from:
+//!   `"cgroup v2 memory.max"`, `"cgroup v1 memory.limit_in_bytes"`, `"physical memory"`;
+//!   `null` without a limit) and `"shed_requests"` (this layer's switch). It takes no
+//!   parameters.
 //! - `PUT` changes any of them through query parameters and answers a JSON
-//!   [`ConfigUpdate`](crate::ConfigUpdate) (`{"before": …, "after": …}`):
+//!   [`ConfigUpdate`](crate::ConfigUpdate) (`{"before": …, "after": …}`, each with the
+//!   governor's fields too):
 //!   - `background_thread=true|false`: start or stop jemalloc's background threads, which
 //!     return freed pages on their own, also while the process is idle;
 //!   - `max_background_threads=N`: 1 to `opt.max_background_threads` (4, jemalloc's default,
@@ -13,6 +19,16 @@
 //!     [`MAX_DECAY_MS`](crate::MAX_DECAY_MS) (one hour), applied to every existing arena
 //!     (`arena.<i>.…`, including the arena jemalloc keeps for huge allocations) and to arenas
 //!     created later (`arenas.…`).
+//!
+//!   - `memory_limit=SIZE|none`: the memory limit the governor keeps the process under, in
+//!     bytes, `KiB`/`MiB`/`GiB`/`TiB` (`320MiB`) or a percentage of the detected limit
+//!     (`90%`, of cgroup v2 `memory.max`, cgroup v1 `memory.limit_in_bytes`, then physical
+//!     memory); `none` clears it and stops the governor. One limit per process: it applies
+//!     whichever layer's endpoint sets it (see
+//!     [`memory_limit`](crate::JemallocLayerBuilder::memory_limit));
+//!   - `shed_requests=true|false`: whether this layer sheds forwarded requests while the
+//!     process is over its limit (see
+//!     [`shed_requests`](crate::JemallocLayerBuilder::shed_requests)).
 //!
 //!   Numbers are digits, with a `-` only where a negative value means something (the decay
 //!   times' -1); a `+` is refused. An empty `PUT`, a name given twice, an unknown name or a
@@ -37,6 +53,7 @@ use super::handler::{Context, Handler};
 use super::job::{Flight, Job, JobKind, Runner};
 use super::query::{self, Query};
 use super::response::{self, Answer};
+use crate::governor::{Governor, LimitSetting, MemoryLimit, Shedding};
 use crate::jemalloc::tuning::{
     self, ChangeError, ChangeGuard, ConfigChange, ConfigUpdate, JemallocConfig, Setting,
     MAX_DECAY_MS,
@@ -58,29 +75,91 @@ pub(crate) struct Config {
     /// `jemalloc.config.changes` (attribute `setting`), exported as
     /// `…_jemalloc_config_changes_total`: the settings written by successful changes.
     changes: Counter<u64>,
+    governor: Arc<Governor>,
+    shedding: Arc<Shedding>,
 }
 
 /// What a config request asks for.
 pub(crate) enum Request {
     Read { head: bool },
-    Change(ConfigChange),
+    Change(ConfigChange, GovernorChange),
+}
+
+/// A change of the governor's settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct GovernorChange {
+    /// `Some(None)`: clear the limit.
+    memory_limit: Option<Option<MemoryLimit>>,
+    shed_requests: Option<bool>,
+}
+
+impl GovernorChange {
+    fn is_empty(&self) -> bool {
+        self.memory_limit.is_none() && self.shed_requests.is_none()
+    }
+}
+
+/// The governor's settings as the config endpoint shows them, beside jemalloc's.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct GovernorView {
+    memory_limit: Option<u64>,
+    memory_limit_source: Option<&'static str>,
+    shed_requests: bool,
+}
+
+impl GovernorView {
+    fn read(governor: &Governor, shedding: &Shedding) -> Self {
+        let limit = governor.limit();
+        Self {
+            memory_limit: limit.as_ref().map(|limit| limit.bytes),
+            memory_limit_source: limit.map(|limit| limit.source),
+            shed_requests: shedding.enabled(),
+        }
+    }
+}
+
+/// The JSON of a read: jemalloc's settings and the governor's in one object.
+#[derive(serde::Serialize)]
+struct View<'a> {
+    #[serde(flatten)]
+    jemalloc: &'a JemallocConfig,
+    #[serde(flatten)]
+    governor: &'a GovernorView,
+}
+
+/// The JSON of a change.
+#[derive(serde::Serialize)]
+struct Update<'a> {
+    before: View<'a>,
+    after: View<'a>,
 }
 
 /// What a config job produced.
 pub(crate) enum Configured {
-    Read(Result<JemallocConfig, JemallocError>),
-    Changed(Result<ConfigUpdate, ChangeError>),
+    Read(Result<JemallocConfig, JemallocError>, GovernorView),
+    Changed(Result<(ConfigUpdate, GovernorView, GovernorView), ChangeError>),
 }
+
+/// The parameter names: jemalloc's settings, then the governor's.
+const NAMES: [&str; 6] = [
+    Setting::NAMES[0],
+    Setting::NAMES[1],
+    Setting::NAMES[2],
+    Setting::NAMES[3],
+    "memory_limit",
+    "shed_requests",
+];
 
 /// The values each parameter takes, for the 400s.
 const ALLOWED: &str = "background_thread=true|false, max_background_threads=N (1 to \
                        opt.max_background_threads), dirty_decay_ms=N and muzzy_decay_ms=N \
-                       (-1 for never, up to 3600000)";
+                       (-1 for never, up to 3600000), memory_limit=SIZE (320MiB, 90%) or \
+                       none, shed_requests=true|false";
 
 impl Handler for Config {
     const METHODS: &'static [Method] = &[Method::GET, Method::HEAD, Method::PUT];
     const ALLOW: &'static str = "GET, HEAD, PUT";
-    const PARAMS: Option<&'static [&'static str]> = Some(&Setting::NAMES);
+    const PARAMS: Option<&'static [&'static str]> = Some(&NAMES);
     type Params = Request;
     type Output = Configured;
 
@@ -95,6 +174,9 @@ impl Handler for Config {
         for setting in Setting::ALL {
             changes.add(0, &[KeyValue::new("setting", setting.name())]);
         }
+        for setting in ["memory_limit", "shed_requests"] {
+            changes.add(0, &[KeyValue::new("setting", setting)]);
+        }
         Self {
             reads: Arc::new(Flight::new(
                 context.runner(JobKind::ConfigRead),
@@ -102,6 +184,8 @@ impl Handler for Config {
             )),
             changer: context.runner(JobKind::ConfigChange),
             changes,
+            governor: Arc::clone(context.governor),
+            shedding: Arc::clone(context.shedding),
         }
     }
 
@@ -118,21 +202,25 @@ impl Handler for Config {
             });
         }
         let change = parse(query)?;
-        if change.is_empty() {
+        let governor = parse_governor(query)?;
+        if change.is_empty() && governor.is_empty() {
             return Err(bad_request(format_args!(
                 "a PUT changes at least one setting: {ALLOWED}"
             )));
         }
-        Ok(Request::Change(change))
+        Ok(Request::Change(change, governor))
     }
 
     fn start(&self, request: &Request) -> Result<Job<Configured>, Answer> {
         let ctl = crate::jemalloc::ctl::ctl().map_err(|e| response::jemalloc_error(&e))?;
         match *request {
-            Request::Read { .. } => self
-                .reads
-                .join_or_start(move || Configured::Read(tuning::read(ctl))),
-            Request::Change(change) => {
+            Request::Read { .. } => {
+                let (governor, shedding) = (Arc::clone(&self.governor), Arc::clone(&self.shedding));
+                self.reads.join_or_start(move || {
+                    Configured::Read(tuning::read(ctl), GovernorView::read(&governor, &shedding))
+                })
+            }
+            Request::Change(change, governor_change) => {
                 let Some(guard) = ChangeGuard::acquire() else {
                     return Err(response::text(
                         StatusCode::CONFLICT,
@@ -141,14 +229,17 @@ impl Handler for Config {
                     ));
                 };
                 let changes = self.changes.clone();
+                let (governor, shedding) = (Arc::clone(&self.governor), Arc::clone(&self.shedding));
                 Job::spawn(&self.changer, move || {
-                    let result = guard.apply(ctl, &change);
-                    if result.is_ok() {
-                        for setting in change.settings() {
-                            changes.add(1, &[KeyValue::new("setting", setting.name())]);
-                        }
-                    }
-                    Configured::Changed(result)
+                    Configured::Changed(change_all(
+                        guard,
+                        ctl,
+                        &change,
+                        governor_change,
+                        &governor,
+                        &shedding,
+                        &changes,
+                    ))
                 })
             }
         }
@@ -156,15 +247,27 @@ impl Handler for Config {
 
     fn answer(output: &Configured, request: &Request) -> Answer {
         match output {
-            Configured::Read(Ok(config)) => {
-                let answer = response::json(config);
+            Configured::Read(Ok(config), governor) => {
+                let answer = response::json(&View {
+                    jemalloc: config,
+                    governor,
+                });
                 match request {
                     Request::Read { head: true } => response::without_body(answer),
                     _ => answer,
                 }
             }
-            Configured::Read(Err(e)) => response::jemalloc_error(e),
-            Configured::Changed(Ok(update)) => response::json(update),
+            Configured::Read(Err(e), _) => response::jemalloc_error(e),
+            Configured::Changed(Ok((update, before, after))) => response::json(&Update {
+                before: View {
+                    jemalloc: &update.before,
+                    governor: before,
+                },
+                after: View {
+                    jemalloc: &update.after,
+                    governor: after,
+                },
+            }),
             Configured::Changed(Err(ChangeError::Invalid(reason))) => bad_request(reason),
             Configured::Changed(Err(e @ ChangeError::Failed { .. })) => {
                 response::text(StatusCode::INTERNAL_SERVER_ERROR, e)
@@ -175,6 +278,78 @@ impl Handler for Config {
 
 fn bad_request(reason: impl std::fmt::Display) -> Answer {
     response::text(StatusCode::BAD_REQUEST, reason)
+}
+
+/// Makes a `PUT`'s change: the governor's limit is resolved first (a percentage with nothing
+/// detected to take it of is a 400 before anything is written), then jemalloc's settings are
+/// changed, then the governor's. Each changed setting is logged and counted.
+fn change_all(
+    guard: ChangeGuard,
+    ctl: &'static crate::jemalloc::ctl::Ctl,
+    change: &ConfigChange,
+    governor_change: GovernorChange,
+    governor: &Governor,
+    shedding: &Shedding,
+    changes: &Counter<u64>,
+) -> Result<(ConfigUpdate, GovernorView, GovernorView), ChangeError> {
+    let limit: Option<Option<LimitSetting>> = match governor_change.memory_limit {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(asked)) => Some(Some(
+            Governor::resolve(asked).map_err(ChangeError::Invalid)?,
+        )),
+    };
+    let before = GovernorView::read(governor, shedding);
+    let update = guard.apply(ctl, change)?;
+    for setting in change.settings() {
+        changes.add(1, &[KeyValue::new("setting", setting.name())]);
+    }
+    if let Some(limit) = limit {
+        let text = limit
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |limit| limit.bytes.to_string());
+        governor.apply_limit(limit).map_err(ChangeError::Invalid)?;
+        tracing::info!(setting = "memory_limit", old = ?before.memory_limit, new = %text, "memory governor setting changed");
+        changes.add(1, &[KeyValue::new("setting", "memory_limit")]);
+    }
+    if let Some(enabled) = governor_change.shed_requests {
+        governor.set_shedding(shedding, enabled);
+        tracing::info!(
+            setting = "shed_requests",
+            old = before.shed_requests,
+            new = enabled,
+            "memory governor setting changed"
+        );
+        changes.add(1, &[KeyValue::new("setting", "shed_requests")]);
+    }
+    let after = GovernorView::read(governor, shedding);
+    Ok((update, before, after))
+}
+
+/// The governor's part of a `PUT`'s query, or a 400 naming the first bad value.
+fn parse_governor(query: Query<'_>) -> Result<GovernorChange, Answer> {
+    let mut change = GovernorChange::default();
+    if let Some(value) = query.get("memory_limit") {
+        change.memory_limit =
+            Some(match value {
+                "none" => None,
+                _ => Some(value.parse::<MemoryLimit>().map_err(|e| {
+                    bad_request(format_args!("{e}; or memory_limit=none to clear it"))
+                })?),
+            });
+    }
+    if let Some(value) = query.get("shed_requests") {
+        change.shed_requests = Some(match value {
+            "true" => true,
+            "false" => false,
+            _ => {
+                return Err(bad_request(format_args!(
+                    "shed_requests={value:?} is not valid: use shed_requests=true|false"
+                )))
+            }
+        });
+    }
+    Ok(change)
 }
 
 /// The change a `PUT`'s query asks for (names were checked by the pipeline: known, each at

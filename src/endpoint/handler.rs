@@ -54,6 +54,9 @@ pub(crate) struct Context<'a> {
     pub(crate) zero_histograms: &'a [ZeroHistogram],
     /// The layer's telemetry of its jobs, shared by every endpoint.
     pub(crate) jobs: &'a JobTelemetry,
+    /// The process's memory governor, and this layer's shedding switch.
+    pub(crate) governor: &'a std::sync::Arc<crate::governor::Governor>,
+    pub(crate) shedding: &'a std::sync::Arc<crate::governor::Shedding>,
 }
 
 impl Context<'_> {

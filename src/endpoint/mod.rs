@@ -42,7 +42,7 @@ pub(crate) use access::{validate_token, Access, Predicate};
 pub(crate) use handler::Context;
 pub(crate) use job::JobTelemetry;
 pub(crate) use request_body::{discard, MAX_DISCARDED_BODY};
-pub(crate) use response::Reply;
+pub(crate) use response::{shed_answer, Reply};
 pub(crate) use settings::Settings;
 pub use settings::{
     DEFAULT_HEAP_PROFILE_MAX_BYTES, DEFAULT_JOB_DEADLINE, DEFAULT_MAX_CONCURRENT_SCRAPES,

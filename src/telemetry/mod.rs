@@ -3,8 +3,10 @@
 //!
 //! - [`instruments`]: jemalloc's figures, the process's memory and the cgroup's as
 //!   OpenTelemetry observable gauges, from one snapshot per collection.
+//! - [`governor`]: the memory governor's gauges and counters.
 //! - [`exposition`]: a registry's Prometheus text exposition, encoded and gzipped once per
 //!   scrape.
 
 pub(crate) mod exposition;
+pub(crate) mod governor;
 pub(crate) mod instruments;

@@ -1,0 +1,461 @@
+//! The governor's policy: plain logic over injected readings and a clock, so that every rule
+//! is tested with fakes. The thread ([`super::thread`]) runs it against jemalloc and the OS.
+//!
+//! The numbers, all relative to the limit `L`:
+//!
+//! - **High-water mark**: 90 % of `L` ([`HIGH_WATER_PERCENT`]). Below it nothing is given
+//!   back (jemalloc's own decay does its work); at or above it the governor gives back
+//!   `usage - mark` plus 2 % of `L` ([`SLACK_PERCENT`]), so that usage lands a little under
+//!   the mark instead of on it and the next poll does not start another run at once. 10 %
+//!   of headroom is what the allocations between two polls at the fastest rate may take.
+//! - **Polling**: every 100 ms ([`SLOW_POLL`]) while usage is at most half of `L`; from there
+//!   the interval shrinks in proportion to the headroom left under the mark, down to 2 ms
+//!   ([`FAST_POLL`]) at and above it: 50 ms at 70 %, 10 ms at 86 %. A poll is one small
+//!   file read, so the idle cost is 10 reads a second.
+//! - **CPU budget**: the time spent giving back over the last second ([`BUDGET_WINDOW`])
+//!   stays at most 100 ms, 10 % of one core ([`BUDGET`]). The time of every run is measured;
+//!   a run is made only when the window is empty or when one more run as long as the last
+//!   one keeps the window within budget. Otherwise the governor skips giving back and sleeps
+//!   until the oldest run leaves the window: a process whose live memory
+//!   exceeds the limit cannot make it spin (the death spiral Go's soft limit avoids the same
+//!   way).
+//! - **Nothing left**: when usage is over `L` after a run and less than 1 MiB or 1/256 of
+//!   `L` ([`nothing_left`]) is still reclaimable, the process is over its limit with
+//!   nothing to give back (*unreclaimable*): live memory, not cached pages, is the problem.
+//!   The governor then polls at its slow rate, gives back nothing until that much is
+//!   reclaimable again, and stays in the state until usage falls under `L`. A warning is
+//!   logged once per such episode.
+//! - **Pressure**: [`Pressure::Ok`] under the mark, [`Pressure::Near`] from the mark to `L`,
+//!   [`Pressure::Over`] above `L`, each judged after giving back what it could.
+
+use super::Pressure;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// The high-water mark, in per cent of the limit.
+pub(crate) const HIGH_WATER_PERCENT: u64 = 90;
+/// What a run gives back beyond `usage - mark`, in per cent of the limit.
+pub(crate) const SLACK_PERCENT: u64 = 2;
+/// The poll interval far from the limit (usage at most half of it), and while unreclaimable.
+pub(crate) const SLOW_POLL: Duration = Duration::from_millis(100);
+/// The poll interval at and above the high-water mark.
+pub(crate) const FAST_POLL: Duration = Duration::from_millis(2);
+/// The window the CPU budget is measured over.
+pub(crate) const BUDGET_WINDOW: Duration = Duration::from_secs(1);
+/// The time giving back may take within [`BUDGET_WINDOW`]: 10 % of one core.
+pub(crate) const BUDGET: Duration = Duration::from_millis(100);
+
+/// What the policy reads and does; the thread implements it with jemalloc and the OS, the
+/// tests with fakes. `None` is a reading that failed: the policy then waits for the next poll.
+pub(crate) trait Readings {
+    /// What the OOM killer watches: the cgroup's usage or the process's RSS, in bytes.
+    fn usage(&mut self) -> Option<u64>;
+    /// The dirty and muzzy bytes jemalloc holds now.
+    fn reclaimable(&mut self) -> Option<u64>;
+    /// Gives back at least `bytes` if it can, arenas holding the most first: what was given
+    /// back and what is still reclaimable.
+    fn give_back(&mut self, bytes: u64) -> Option<GiveBack>;
+    /// A monotonic clock: the time since some fixed start.
+    fn now(&mut self) -> Duration;
+}
+
+/// What one give-back call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GiveBack {
+    /// Bytes given back.
+    pub(crate) bytes: u64,
+    /// Dirty and muzzy bytes still held.
+    pub(crate) left: u64,
+}
+
+/// What one poll found and did, for the thread to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Step {
+    /// The usage after giving back (the reading before, when nothing was given back).
+    pub(crate) usage: u64,
+    pub(crate) pressure: Pressure,
+    /// Over the limit with nothing left to give back.
+    pub(crate) unreclaimable: bool,
+    /// Bytes given back in this poll, if a run was made.
+    pub(crate) given_back: Option<u64>,
+    /// Log the unreclaimable warning now (once per episode).
+    pub(crate) warn: bool,
+    /// How long to sleep before the next poll.
+    pub(crate) sleep: Duration,
+}
+
+/// The state of the policy between polls.
+#[derive(Debug)]
+pub(crate) struct Policy {
+    limit: u64,
+    /// Start and duration of the runs within the last [`BUDGET_WINDOW`].
+    runs: VecDeque<(Duration, Duration)>,
+    /// How long the last run took: the estimate of the next one's cost.
+    last_took: Duration,
+    unreclaimable: bool,
+    warned: bool,
+}
+
+/// Below this much reclaimable memory there is nothing worth giving back: 1 MiB or 1/256 of
+/// the limit, whichever is larger (jemalloc's arenas always hold a little).
+pub(crate) fn nothing_left(limit: u64) -> u64 {
+    (1 << 20).max(limit / 256)
+}
+
+impl Policy {
+    pub(crate) fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            runs: VecDeque::new(),
+            last_took: Duration::ZERO,
+            unreclaimable: false,
+            warned: false,
+        }
+    }
+
+    pub(crate) fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Changes the limit; the budget spent so far still counts.
+    pub(crate) fn set_limit(&mut self, limit: u64) {
+        self.limit = limit;
+        self.unreclaimable = false;
+        self.warned = false;
+    }
+
+    pub(crate) fn mark(&self) -> u64 {
+        self.limit / 100 * HIGH_WATER_PERCENT + self.limit % 100 * HIGH_WATER_PERCENT / 100
+    }
+
+    fn pressure(&self, usage: u64) -> Pressure {
+        if usage > self.limit {
+            Pressure::Over
+        } else if usage >= self.mark() {
+            Pressure::Near
+        } else {
+            Pressure::Ok
+        }
+    }
+
+    /// The poll interval at `usage`: [`SLOW_POLL`] up to half the limit, then in proportion
+    /// to the headroom under the mark, at least [`FAST_POLL`].
+    pub(crate) fn interval(&self, usage: u64) -> Duration {
+        let mark = self.mark();
+        let half = self.limit / 2;
+        if usage <= half {
+            return SLOW_POLL;
+        }
+        let headroom = mark.saturating_sub(usage) as f64;
+        let span = mark.saturating_sub(half).max(1) as f64;
+        SLOW_POLL.mul_f64(headroom / span).max(FAST_POLL)
+    }
+
+    /// The time spent giving back within the window ending at `now`, forgetting older runs.
+    fn spent(&mut self, now: Duration) -> Duration {
+        while let Some(&(start, _)) = self.runs.front() {
+            if now.saturating_sub(start) < BUDGET_WINDOW {
+                break;
+            }
+            self.runs.pop_front();
+        }
+        self.runs.iter().map(|&(_, took)| took).sum()
+    }
+
+    /// One poll: read, give back if above the mark and within budget, judge the pressure.
+    pub(crate) fn step(&mut self, readings: &mut impl Readings) -> Step {
+        let Some(usage) = readings.usage() else {
+            // Nothing to go by: keep the last state, try again at the slow rate.
+            return Step {
+                usage: 0,
+                pressure: Pressure::Ok,
+                unreclaimable: false,
+                given_back: None,
+                warn: false,
+                sleep: SLOW_POLL,
+            };
+        };
+        let mut after = usage;
+        let mut given_back = None;
+        let mut sleep = self.interval(usage);
+        let mark = self.mark();
+        if usage >= mark {
+            let floor = nothing_left(self.limit);
+            // While unreclaimable, give back only once something worth it has appeared.
+            let worth_it =
+                !self.unreclaimable || readings.reclaimable().is_some_and(|bytes| bytes >= floor);
+            let now = readings.now();
+            let spent = self.spent(now);
+            // A run is made when the window is empty, or when one more run as long as the
+            // last one keeps the window within budget.
+            let within_budget = spent.is_zero() || spent + self.last_took <= BUDGET;
+            if worth_it && within_budget {
+                let want = usage - mark + self.limit / 100 * SLACK_PERCENT;
+                let result = readings.give_back(want);
+                let took = readings.now().saturating_sub(now);
+                self.runs.push_back((now, took));
+                self.last_took = took;
+                if let Some(result) = result {
+                    given_back = Some(result.bytes);
+                    after = readings
+                        .usage()
+                        .unwrap_or(usage.saturating_sub(result.bytes));
+                    self.unreclaimable = after > self.limit && result.left < floor;
+                }
+            } else if worth_it {
+                // Over budget: wait until the oldest run leaves the window.
+                let oldest = self.runs.front().map_or(now, |&(start, _)| start);
+                sleep = (oldest + BUDGET_WINDOW).saturating_sub(now).max(FAST_POLL);
+            }
+        }
+        if after <= self.limit {
+            self.unreclaimable = false;
+            self.warned = false;
+        }
+        if self.unreclaimable {
+            sleep = SLOW_POLL;
+        }
+        let warn = self.unreclaimable && !self.warned;
+        self.warned |= warn;
+        Step {
+            usage: after,
+            pressure: self.pressure(after),
+            unreclaimable: self.unreclaimable,
+            given_back,
+            warn,
+            sleep,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Memory as the fake sees it: `live` bytes in use, `cached` reclaimable bytes on top.
+    /// Giving back takes `cost` per call on the fake clock.
+    struct Fake {
+        live: u64,
+        cached: u64,
+        clock: Duration,
+        cost: Duration,
+        asked: Vec<u64>,
+    }
+
+    impl Fake {
+        fn new(live: u64, cached: u64) -> Self {
+            Self {
+                live,
+                cached,
+                clock: Duration::ZERO,
+                cost: Duration::from_millis(1),
+                asked: Vec::new(),
+            }
+        }
+    }
+
+    impl Readings for Fake {
+        fn usage(&mut self) -> Option<u64> {
+            Some(self.live + self.cached)
+        }
+        fn reclaimable(&mut self) -> Option<u64> {
+            Some(self.cached)
+        }
+        fn give_back(&mut self, bytes: u64) -> Option<GiveBack> {
+            self.asked.push(bytes);
+            self.clock += self.cost;
+            let given = bytes.min(self.cached);
+            self.cached -= given;
+            Some(GiveBack {
+                bytes: given,
+                left: self.cached,
+            })
+        }
+        fn now(&mut self) -> Duration {
+            self.clock
+        }
+    }
+
+    #[test]
+    fn the_mark_is_ninety_percent() {
+        let policy = Policy::new(1000 * MIB);
+        assert_eq!(policy.mark(), 900 * MIB);
+        assert_eq!(Policy::new(1000).mark(), 900);
+        assert_eq!(Policy::new(u64::MAX).mark(), u64::MAX / 100 * 90 + 13);
+    }
+
+    #[test]
+    fn polls_faster_as_usage_nears_the_mark() {
+        let policy = Policy::new(1000 * MIB);
+        assert_eq!(policy.interval(0), SLOW_POLL);
+        assert_eq!(policy.interval(500 * MIB), SLOW_POLL);
+        assert_eq!(policy.interval(700 * MIB), Duration::from_millis(50));
+        assert_eq!(policy.interval(860 * MIB), Duration::from_millis(10));
+        assert_eq!(policy.interval(899 * MIB), FAST_POLL);
+        assert_eq!(policy.interval(900 * MIB), FAST_POLL);
+        assert_eq!(policy.interval(2000 * MIB), FAST_POLL);
+        let mut last = SLOW_POLL;
+        for usage in (500..=1000).step_by(10) {
+            let interval = policy.interval(usage * MIB);
+            assert!(interval <= last, "{usage} MiB");
+            last = interval;
+        }
+    }
+
+    #[test]
+    fn below_the_mark_nothing_is_given_back() {
+        let mut policy = Policy::new(1000 * MIB);
+        let mut fake = Fake::new(400 * MIB, 400 * MIB);
+        let step = policy.step(&mut fake);
+        assert_eq!(step.pressure, Pressure::Ok);
+        assert_eq!(step.given_back, None);
+        assert!(fake.asked.is_empty());
+        assert_eq!(step.sleep, Duration::from_millis(25));
+    }
+
+    #[test]
+    fn above_the_mark_it_gives_back_the_excess_and_a_little() {
+        let mut policy = Policy::new(1000 * MIB);
+        let mut fake = Fake::new(500 * MIB, 450 * MIB);
+        let step = policy.step(&mut fake);
+        // 950 - 900 + 2 % of 1000.
+        assert_eq!(fake.asked, [70 * MIB]);
+        assert_eq!(step.given_back, Some(70 * MIB));
+        assert_eq!(step.usage, 880 * MIB);
+        assert_eq!(step.pressure, Pressure::Ok);
+        assert!(!step.unreclaimable);
+        // Under the mark again: no second run.
+        let step = policy.step(&mut fake);
+        assert_eq!(fake.asked.len(), 1);
+        assert_eq!(step.pressure, Pressure::Ok);
+    }
+
+    #[test]
+    fn pressure_follows_usage_after_giving_back() {
+        let mut policy = Policy::new(1000 * MIB);
+        let mut fake = Fake::new(850 * MIB, 0);
+        assert_eq!(policy.step(&mut fake).pressure, Pressure::Ok);
+        fake.live = 950 * MIB;
+        let step = policy.step(&mut fake);
+        assert_eq!(step.pressure, Pressure::Near);
+        assert_eq!(step.sleep, FAST_POLL);
+        assert!(
+            !step.unreclaimable,
+            "under the limit is never unreclaimable"
+        );
+        fake.live = 1100 * MIB;
+        let step = policy.step(&mut fake);
+        assert_eq!(step.pressure, Pressure::Over);
+        assert!(step.unreclaimable);
+        fake.live = 990 * MIB;
+        assert_eq!(policy.step(&mut fake).pressure, Pressure::Near);
+        fake.live = 100 * MIB;
+        assert_eq!(policy.step(&mut fake).pressure, Pressure::Ok);
+    }
+
+    #[test]
+    fn over_the_limit_with_nothing_left_it_waits_instead_of_spinning() {
+        let mut policy = Policy::new(1000 * MIB);
+        let mut fake = Fake::new(1200 * MIB, 100 * MIB);
+        let step = policy.step(&mut fake);
+        assert_eq!(step.given_back, Some(100 * MIB));
+        assert_eq!(step.pressure, Pressure::Over);
+        assert!(step.unreclaimable);
+        assert!(step.warn, "warned on entering the state");
+        assert_eq!(step.sleep, SLOW_POLL);
+        // Next polls: nothing reclaimable, so no run, no second warning, slow polling.
+        for _ in 0..5 {
+            let step = policy.step(&mut fake);
+            assert_eq!(step.given_back, None);
+            assert!(step.unreclaimable && !step.warn);
+            assert_eq!(step.sleep, SLOW_POLL);
+        }
+        assert_eq!(fake.asked.len(), 1);
+        // Dirty pages appear: given back, still over, still no warning.
+        fake.cached = 50 * MIB;
+        let step = policy.step(&mut fake);
+        assert_eq!(step.given_back, Some(50 * MIB));
+        assert!(step.unreclaimable && !step.warn);
+        // Live memory falls under the limit: the episode ends; the next one warns again.
+        fake.live = 950 * MIB;
+        let step = policy.step(&mut fake);
+        assert!(!step.unreclaimable);
+        assert_eq!(step.pressure, Pressure::Near);
+        fake.live = 1300 * MIB;
+        let step = policy.step(&mut fake);
+        assert!(step.unreclaimable && step.warn);
+    }
+
+    #[test]
+    fn a_little_left_over_the_limit_is_still_nothing() {
+        let mut policy = Policy::new(1000 * MIB);
+        // 1000 MiB / 256 is just under 4 MiB: 3 MiB left counts as nothing.
+        assert_eq!(nothing_left(1000 * MIB), 4000 * 1024);
+        let mut fake = Fake::new(1200 * MIB, 3 * MIB);
+        fake.cost = Duration::ZERO;
+        assert!(policy.step(&mut fake).unreclaimable);
+        assert_eq!(nothing_left(100 * MIB), MIB);
+    }
+
+    #[test]
+    fn the_cpu_budget_caps_giving_back_at_a_tenth_of_a_second_per_second() {
+        let mut policy = Policy::new(1000 * MIB);
+        // Reclaimable memory reappears as fast as it is given back (a churning process), and
+        // each run takes 30 ms.
+        let mut fake = Fake::new(780 * MIB, 0);
+        fake.cost = Duration::from_millis(30);
+        let mut total_run = Duration::ZERO;
+        let start = fake.clock;
+        while fake.clock - start < Duration::from_secs(10) {
+            fake.cached = 200 * MIB;
+            let before = fake.clock;
+            let step = policy.step(&mut fake);
+            total_run += fake.clock - before;
+            // Sleeping is what moves the clock between polls.
+            fake.clock += step.sleep;
+            // Usage is under the limit even when no run is made: never Over, never
+            // unreclaimable.
+            assert_ne!(step.pressure, Pressure::Over);
+            assert!(!step.unreclaimable);
+        }
+        let elapsed = fake.clock - start;
+        let share = total_run.as_secs_f64() / elapsed.as_secs_f64();
+        assert!(share <= 0.105, "spent {total_run:?} of {elapsed:?}");
+        assert!(share >= 0.05, "the budget is used, not wasted: {share}");
+        // Over budget, the sleep reaches the end of the window, never a busy loop.
+        let mut policy = Policy::new(1000 * MIB);
+        let mut fake = Fake::new(900 * MIB, 500 * MIB);
+        fake.cost = Duration::from_millis(150);
+        assert!(policy.step(&mut fake).given_back.is_some());
+        fake.cached = 500 * MIB;
+        let step = policy.step(&mut fake);
+        assert_eq!(step.given_back, None, "over budget");
+        assert_eq!(step.sleep, Duration::from_millis(850));
+        fake.clock += step.sleep;
+        assert!(policy.step(&mut fake).given_back.is_some());
+    }
+
+    #[test]
+    fn a_failed_reading_waits_for_the_next_poll() {
+        struct Broken;
+        impl Readings for Broken {
+            fn usage(&mut self) -> Option<u64> {
+                None
+            }
+            fn reclaimable(&mut self) -> Option<u64> {
+                unreachable!()
+            }
+            fn give_back(&mut self, _: u64) -> Option<GiveBack> {
+                unreachable!()
+            }
+            fn now(&mut self) -> Duration {
+                Duration::ZERO
+            }
+        }
+        let step = Policy::new(MIB << 10).step(&mut Broken);
+        assert_eq!(step.sleep, SLOW_POLL);
+        assert_eq!(step.given_back, None);
+    }
+}
