@@ -12,6 +12,18 @@
 //! would: many may run at once (at most 64, holding at most 4096 MiB together; 429 with
 //! `Retry-After: 1` beyond), which makes load to try a memory limit with (`common/work.rs`).
 //!
+//! `--memory-limit SIZE` (`320MiB`, `90%`, or `none`, the default) keeps the process under a
+//! memory limit: the layer's governor gives jemalloc's cached pages back above 90 % of it, and
+//! the server prints each change of memory pressure (where a real service would drop a cache).
+//! `--shed-requests` also answers forwarded requests 503 while memory stays over the limit
+//! (README, "Stay under a memory limit"):
+//!
+//! ```text
+//! cargo run --release --example server -- --memory-limit 512MiB --shed-requests
+//! curl -s -X POST 'localhost:9070/demo/work?mib=64&ms=500'
+//! curl -s -X PUT 'localhost:9070/debug/jemalloc/config?memory_limit=320MiB'
+//! ```
+//!
 //! Built with `--features profiling`, it starts with jemalloc's heap profiler available and
 //! inactive, and `POST /demo/leak?mib=N` keeps memory on purpose, for finding it in a profile
 //! (README, "Find what holds the memory"):
@@ -67,9 +79,12 @@ async fn main() {
     let notes = "The /demo/* routes allocate up to 4 GiB a request: they answer loopback peers\n\
                  only, and other peers only with Authorization: Bearer TOKEN when the server\n\
                  has a token (--purge-token or PURGE_TOKEN).";
-    let args = common::parse_with_notes("server", 9070, &[], notes);
+    let args = common::parse_with_notes("server", 9070, common::MEMORY_FLAGS, notes);
 
-    let layer = args.layer();
+    let layer = args
+        .memory_flags(args.builder())
+        .and_then(|builder| builder.build().map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| common::fail(2, e));
     let guard = LoopbackOrToken::new(DEMO_ROUTES, args.purge_token.as_deref());
 
     let demo = Router::new()
@@ -108,11 +123,21 @@ async fn main() {
     ));
     common::say(format_args!("  {}", args.purge_command(bound)));
     common::say(format_args!("  {}", guard.rule()));
+    common::say(format_args!("  {}", args.memory_summary()));
     if cfg!(feature = "profiling") {
         common::say(
             "  heap profiling is available, inactive: README, \"Find what holds the memory\"",
         );
     }
+
+    // The application's side of the limit: a real service would drop a cache here.
+    let mut pressure = layer.memory_pressure();
+    tokio::spawn(async move {
+        while pressure.changed().await.is_ok() {
+            let now = *pressure.borrow_and_update();
+            common::say(format_args!("memory pressure: {now:?}"));
+        }
+    });
 
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -568,3 +568,62 @@ fn switches_take_no_value() {
         Some("--memory-limit needs a value")
     );
 }
+
+/// The example server's `--memory-limit` and `--shed-requests` reach the layer: its config
+/// endpoint shows them. A limit the parser refuses stops the server with the reason.
+#[tokio::test]
+async fn memory_flags_reach_the_layer() {
+    use common::{request, send};
+    let args = |list: &[&str]| {
+        example::parse_from(
+            list.iter().map(|a| a.to_string()),
+            9070,
+            example::MEMORY_FLAGS,
+        )
+        .unwrap()
+    };
+    async fn config(args: &example::Args) -> serde_json::Value {
+        let builder = JemallocLayer::builder().allow_anonymous(Endpoint::Purge);
+        let layer = args.memory_flags(builder).unwrap().build().unwrap();
+        let mut app: Router = Router::new().layer(layer);
+        let answer = send(&mut app, request("GET", "/debug/jemalloc/config")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        answer.json()
+    }
+
+    // Far above what this test process uses, so that the process-wide governor gives nothing
+    // back and sheds nothing while the other tests run.
+    let limited = config(&args(&["--memory-limit", "8GiB", "--shed-requests"])).await;
+    assert_eq!(limited["memory_limit"], 8u64 << 30, "{limited}");
+    assert_eq!(limited["memory_limit_source"], "explicit", "{limited}");
+    assert_eq!(limited["shed_requests"], true, "{limited}");
+    assert!(args(&["--memory-limit", "8GiB"])
+        .memory_summary()
+        .starts_with("memory limit 8GiB: cached pages given back above 90 % of it; no shedding"));
+
+    for list in [&[][..], &["--memory-limit", "none"][..]] {
+        let parsed = args(list);
+        let unlimited = config(&parsed).await;
+        assert_eq!(
+            unlimited["memory_limit"],
+            serde_json::Value::Null,
+            "{list:?}: {unlimited}"
+        );
+        assert_eq!(unlimited["shed_requests"], false, "{list:?}: {unlimited}");
+        assert!(parsed.memory_summary().starts_with("no memory limit"));
+    }
+
+    for bad in ["320MB", "0", "150%", ""] {
+        let Err(reason) = args(&["--memory-limit", bad]).memory_flags(JemallocLayer::builder())
+        else {
+            panic!("--memory-limit {bad:?} accepted");
+        };
+        assert!(
+            reason.starts_with(&format!(
+                "--memory-limit: memory limit {bad:?} is not valid: "
+            )),
+            "{reason}"
+        );
+        assert!(!reason.contains('\n'), "one line: {reason}");
+    }
+}

@@ -11,11 +11,29 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder};
+use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder, MemoryLimit};
 
 /// An example-specific flag: name (`--interval`), value name, help. A flag with an empty value
 /// name is a switch that takes no value (`--shed-requests`): given, its value is `"true"`.
 pub type Flag = (&'static str, &'static str, &'static str);
+
+/// The example server's memory flags: `--memory-limit SIZE|none` and `--shed-requests`
+/// ([`Args::memory_flags`]).
+pub const MEMORY_FLAGS: &[Flag] = &[
+    (
+        "--memory-limit",
+        "SIZE",
+        "keep the process under SIZE, giving jemalloc's cached pages back\
+         \n                       above 90 % of it: bytes, KiB/MiB/GiB (320MiB), a percentage of\
+         \n                       the cgroup's or the machine's memory (90%), or none (default)",
+    ),
+    (
+        "--shed-requests",
+        "",
+        "answer forwarded requests 503 (Retry-After: 1) while memory stays\
+         \n                       over the limit; /metrics and the debug endpoints always answer",
+    ),
+];
 
 /// The parsed command line.
 pub struct Args {
@@ -67,6 +85,46 @@ impl Args {
                 guarded_endpoints()
             )
         })
+    }
+
+    /// `builder` with the memory limit of `--memory-limit` (none when absent or `none`) and
+    /// shedding when `--shed-requests` is given, or the reason the limit is not valid.
+    /// Shedding without a limit is accepted: a limit may come later, at run time
+    /// (`PUT /debug/jemalloc/config?memory_limit=320MiB`).
+    pub fn memory_flags(
+        &self,
+        mut builder: JemallocLayerBuilder,
+    ) -> Result<JemallocLayerBuilder, String> {
+        match self.extra("--memory-limit") {
+            None | Some("none") => {}
+            Some(size) => {
+                let limit: MemoryLimit = size
+                    .parse()
+                    .map_err(|e| format!("--memory-limit: {e}; or none"))?;
+                builder = builder.memory_limit(limit);
+            }
+        }
+        if self.extra("--shed-requests").is_some() {
+            builder = builder.shed_requests(true);
+        }
+        Ok(builder)
+    }
+
+    /// What the memory flags set, in a line for the banner.
+    pub fn memory_summary(&self) -> String {
+        let shedding = if self.extra("--shed-requests").is_some() {
+            "forwarded requests shed while over it"
+        } else {
+            "no shedding (--shed-requests)"
+        };
+        match self.extra("--memory-limit") {
+            None | Some("none") => format!(
+                "no memory limit (--memory-limit SIZE, or PUT /debug/jemalloc/config?memory_limit=SIZE); {shedding}"
+            ),
+            Some(size) => format!(
+                "memory limit {size}: cached pages given back above 90 % of it; {shedding}"
+            ),
+        }
     }
 
     /// The layer from the command line, or exit 2 with the reason.
