@@ -12,14 +12,14 @@
 use crate::endpoint::{
     validate_token, Access, Context, Endpoint, JobTelemetry, Predicate, Route, Routes, Settings,
 };
-use crate::governor::{Governor, MemoryLimit};
+use crate::governor::{Governor, HoldsShedding, MemoryLimit};
 use crate::layer::JemallocLayer;
-use crate::service::Guard;
+use crate::service::{Guard, Shared};
 use crate::telemetry::instruments::{register_instruments_with, InstrumentOptions};
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// The instrumentation scope the layer's own meter uses (`otel_scope_name` in Prometheus).
@@ -380,10 +380,15 @@ impl JemallocLayerBuilder {
     /// Keeps the process under `limit` (default: no limit): the memory governor watches what
     /// the OOM killer watches (the cgroup's usage inside a cgroup with a limit, otherwise the
     /// process's RSS) on its own thread, `jemalloc-governor`, and above 90 % of the limit
-    /// gives jemalloc's cached (dirty, then muzzy) pages back to the OS by amount, the arenas
-    /// holding the most first, spending at most 10 % of one core on it. The policy's numbers
-    /// (poll intervals, the budget, the "nothing left to give back" state) are documented in
-    /// the README's "Stay under a memory limit".
+    /// gives jemalloc's cached (dirty, then muzzy) pages back to the OS by amount (what
+    /// usage exceeds 90 % by, plus 2 % of the limit), the arenas holding the most first. It
+    /// polls every 100 ms up to half the limit, faster as usage nears 90 %, every 2 ms above
+    /// it, and spends at most 10 % of one core (measured over the last second) giving pages
+    /// back. When usage stays over the limit with nothing left to give back, live memory is
+    /// the problem: it says so (the `jemalloc_memory_unreclaimable` gauge, a warning logged
+    /// once, a stats hint), polls every 100 ms instead of spinning, and sheds load if
+    /// [`shed_requests`](Self::shed_requests) is on. The application can react through
+    /// [`JemallocLayer::memory_pressure`].
     ///
     /// There is one governor per process, since there is one jemalloc and one RSS: it starts
     /// when the first layer with a limit is built, a second layer built with a limit replaces
@@ -442,7 +447,7 @@ impl JemallocLayerBuilder {
     /// let layer = JemallocLayer::builder()
     ///     .memory_limit("2GiB".parse()?)
     ///     .shed_requests(true)
-    ///     .shed_when(|request| request.uri().path() != "/healthz")
+    ///     .shed_when(|request| request.uri.path() != "/healthz")
     ///     .build()?;
     /// # drop(layer);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -538,39 +543,49 @@ impl JemallocLayerBuilder {
             .iter()
             .flat_map(|(endpoint, ..)| endpoint.zero_histograms().iter().copied())
             .collect();
+        let limit = self
+            .memory_limit
+            .map(Governor::resolve)
+            .transpose()
+            .map_err(BuildError::MemoryLimit)?;
         let governor = Governor::process();
-        let shedding = governor.shedding(self.shed_requests);
-        crate::telemetry::governor::register(&meter, &governor, &shedding);
-
         let jobs = JobTelemetry::new(&meter);
-        let context = Context {
-            registry: &registry,
-            meter: &meter,
-            settings: &self.settings,
-            zero_histograms: &zero_histograms,
-            jobs: &jobs,
-            governor: &governor,
-            shedding: &shedding,
-        };
-        let routes = paths
-            .into_iter()
-            .map(|(endpoint, path, access)| Route::new(endpoint, path, access, &context))
-            .collect();
-        if let Some(limit) = self.memory_limit {
+        let layer = JemallocLayer::new_cyclic(|shared| {
+            // The handlers and the telemetry reach the layer's shedding switch through its
+            // shared state, weakly: the shared state holds them.
+            let holder: Weak<dyn HoldsShedding> = shared.clone();
+            let shedding = governor.shedding(Weak::clone(&holder), self.shed_requests);
+            crate::telemetry::governor::register(&meter, &governor, &holder);
+            let context = Context {
+                registry: &registry,
+                meter: &meter,
+                settings: &self.settings,
+                zero_histograms: &zero_histograms,
+                jobs: &jobs,
+                governor: &governor,
+                shedding: &holder,
+            };
+            let routes = paths
+                .into_iter()
+                .map(|(endpoint, path, access)| Route::new(endpoint, path, access, &context))
+                .collect();
+            Shared {
+                routes: Routes::new(routes),
+                registry,
+                provider,
+                shedding,
+                guard: Guard {
+                    governor: Arc::clone(&governor),
+                    shed_when: self.shed_when,
+                },
+            }
+        });
+        if let Some(limit) = limit {
             governor
-                .set_limit(Some(limit))
+                .apply_limit(Some(limit))
                 .map_err(BuildError::MemoryLimit)?;
         }
-        Ok(JemallocLayer::from_parts(
-            Routes::new(routes),
-            registry,
-            provider,
-            Guard {
-                governor,
-                shedding,
-                shed_when: self.shed_when,
-            },
-        ))
+        Ok(layer)
     }
 
     fn config(&self, endpoint: Endpoint) -> &EndpointConfig {

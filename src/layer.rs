@@ -4,12 +4,12 @@
 //! Its constructors ([`JemallocLayer::new`], [`JemallocLayer::builder`]) live in the builder's
 //! file, beside the configuration they check.
 
-use crate::endpoint::{Endpoint, Routes};
+use crate::endpoint::Endpoint;
 use crate::governor::Pressure;
-use crate::service::{Guard, JemallocService, Shared};
+use crate::service::{JemallocService, Shared};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use tower::Layer;
 
 /// A tower [`Layer`](https://docs.rs/tower/0.5/tower/trait.Layer.html) that answers its own
@@ -61,19 +61,10 @@ pub struct JemallocLayer {
 }
 
 impl JemallocLayer {
-    pub(crate) fn from_parts(
-        routes: Routes,
-        registry: prometheus::Registry,
-        provider: Option<SdkMeterProvider>,
-        guard: Guard,
-    ) -> Self {
+    /// A layer around the shared state `build` makes, given a weak pointer to it.
+    pub(crate) fn new_cyclic(build: impl FnOnce(&Weak<Shared>) -> Shared) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                routes,
-                registry,
-                provider,
-                guard,
-            }),
+            shared: Arc::new_cyclic(build),
         }
     }
 

@@ -17,6 +17,13 @@
 //! - `GET|PUT /debug/jemalloc/config`: background threads and decay times, read
 //!   ([`JemallocConfig`]) and changed at run time (`?background_thread=true&dirty_decay_ms=1000`,
 //!   answered with a [`ConfigUpdate`]), so memory goes back steadily without a restart.
+//! - A memory limit, opt-in ([`memory_limit`](JemallocLayerBuilder::memory_limit), or
+//!   `PUT /debug/jemalloc/config?memory_limit=320MiB` at run time): a governor thread watches
+//!   what the OOM killer watches (the cgroup's usage, or the RSS) and above 90 % of the limit
+//!   gives jemalloc's cached pages back by amount, within a CPU budget; the application
+//!   subscribes to the [`Pressure`] with [`JemallocLayer::memory_pressure`], and forwarded
+//!   requests can be shed with a 503 while live memory exceeds the limit
+//!   ([`shed_requests`](JemallocLayerBuilder::shed_requests)).
 //! - `GET /debug/pprof/heap` and `GET|PUT /debug/jemalloc/profiling`, with the `profiling`
 //!   feature: jemalloc's heap profile as symbolized pprof (for `go tool pprof`) or an SVG
 //!   flame graph, the growth over `?seconds=N`, and switching the sampling profiler at run time

@@ -4,10 +4,8 @@ use crate::endpoint::{
     discard, shed_answer, Endpoint, Predicate, Reply, Routes, MAX_DISCARDED_BODY,
 };
 use crate::future::ResponseFuture;
-use crate::governor::{Governor, Shedding};
-use bytes::Bytes;
+use crate::governor::{Governor, HoldsShedding, Shedding};
 use http::{Request, Response};
-use http_body_util::Full;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
 use std::sync::Arc;
@@ -74,21 +72,28 @@ pub(crate) struct Shared {
     /// Held here too because dropping the last handle of a provider shuts its readers down:
     /// `/metrics` must keep working after the layer itself is gone.
     pub(crate) provider: Option<SdkMeterProvider>,
+    /// This layer's shedding switch, inline: a forwarded request reads its flag with one load
+    /// from the pointer to this struct, which it has already loaded to match the path.
+    pub(crate) shedding: Shedding,
     pub(crate) guard: Guard,
 }
 
+impl HoldsShedding for Shared {
+    fn shedding(&self) -> &Shedding {
+        &self.shedding
+    }
+}
+
 /// The layer's part in the memory governor: its hold on the process's governor (which stops
-/// when the last one goes), its shedding switch, and which requests may be shed.
+/// when the last one goes), and which requests may be shed.
 pub(crate) struct Guard {
     pub(crate) governor: Arc<Governor>,
-    pub(crate) shedding: Arc<Shedding>,
     pub(crate) shed_when: Option<Predicate>,
 }
 
 impl fmt::Debug for Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
-            .field("shed_requests", &self.shedding.enabled())
             .field("shed_when", &self.shed_when.as_ref().map(|_| "<fn>"))
             .finish()
     }
@@ -124,28 +129,35 @@ impl<S> JemallocService<S> {
 }
 
 impl<S> JemallocService<S> {
-    /// The 503 for a forwarded request while the process is over its memory limit and this
-    /// layer sheds, or the request back when the layer's `shed_when` spares it.
+    /// A forwarded request while this layer sheds: the 503, or, when the layer's `shed_when`
+    /// spares the request, the usual forwarding. Out of line, so that the direct path keeps
+    /// only the flag's test.
     #[cold]
     #[inline(never)]
-    fn shed<ReqBody>(
-        &self,
+    fn call_while_shedding<ReqBody, ResBody>(
+        &mut self,
         req: Request<ReqBody>,
-    ) -> Result<Response<Full<Bytes>>, Request<ReqBody>> {
-        let guard = &self.shared.guard;
-        let req = match &guard.shed_when {
-            Some(shed_when) => {
-                let (parts, body) = req.into_parts();
-                if !shed_when(&parts) {
-                    return Err(Request::from_parts(parts, body));
-                }
-                Request::from_parts(parts, body)
-            }
-            None => req,
+    ) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Send + 'static,
+    {
+        let (parts, body) = req.into_parts();
+        let shed = match &self.shared.guard.shed_when {
+            Some(shed_when) => shed_when(&parts),
+            None => true,
         };
-        drop(req);
-        guard.shedding.count();
-        Ok(shed_answer(guard.governor.status()))
+        if shed {
+            self.shared.shedding.count();
+            let status = self.shared.guard.governor.status();
+            return ResponseFuture::reply(Reply::Now(shed_answer(status)));
+        }
+        let req = Request::from_parts(parts, body);
+        if std::mem::take(&mut self.inner_ready) {
+            return ResponseFuture::inner(self.inner.call(req));
+        }
+        ResponseFuture::waiting(self.wait_for_inner(req))
     }
 
     /// The answer to a forwarded request that arrived while the inner service was not ready:
@@ -213,16 +225,12 @@ where
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some(index) = self.shared.routes.find(req.uri().path()) else {
-            // One load and a branch while not shedding: the flag is set by the governor thread
-            // only while this layer sheds and the process is over its limit.
-            let req = if self.shared.guard.shedding.active() {
-                match self.shed(req) {
-                    Ok(answer) => return ResponseFuture::reply(Reply::Now(answer)),
-                    Err(req) => req,
-                }
-            } else {
-                req
-            };
+            // One load and a branch while not shedding: the flag sits in the shared state this
+            // call has already loaded, and the governor sets it only while this layer sheds
+            // and the process is over its limit. Everything else is out of line.
+            if self.shared.shedding.active() {
+                return self.call_while_shedding(req);
+            }
             if std::mem::take(&mut self.inner_ready) {
                 return ResponseFuture::inner(self.inner.call(req));
             }

@@ -266,38 +266,62 @@ async fn process_gauges_agree_with_the_kernel() {
         "process_memory_virtual_bytes {virtual_size} vs VmSize {vm}"
     );
 
-    // The cgroup's figures: where a cgroup v2 is visible they match its files; elsewhere
-    // there is no series at all.
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+    // The cgroup's figures: where a memory cgroup is visible (v2 with memory.current, else
+    // v1's memory controller) they match its files; elsewhere there is no series at all.
+    // cgroup v1 reports "no limit" as a huge number (2^63 rounded down to a page).
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let v2 = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|path| {
+            (
+                format!("/sys/fs/cgroup{path}"),
+                "memory.current",
+                "memory.max",
+            )
+        });
+    let v1 = cgroups
+        .lines()
+        .find_map(|l| {
+            let (controllers, path) = l.split_once(':')?.1.split_once(':')?;
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then_some(path)
         })
-        .map(|path| format!("/sys/fs/cgroup{path}"))
-        .filter(|dir| std::path::Path::new(&format!("{dir}/memory.current")).exists());
+        .map(|path| {
+            (
+                format!("/sys/fs/cgroup/memory{path}"),
+                "memory.usage_in_bytes",
+                "memory.limit_in_bytes",
+            )
+        });
+    let cgroup = [v2, v1]
+        .into_iter()
+        .flatten()
+        .find(|(dir, usage, _)| std::path::Path::new(&format!("{dir}/{usage}")).exists());
     let usage = exposition.value("process_cgroup_memory_usage_bytes");
     match cgroup {
-        Some(dir) => {
-            let current: f64 = std::fs::read_to_string(format!("{dir}/memory.current"))
+        Some((dir, usage_file, limit_file)) => {
+            let current: f64 = std::fs::read_to_string(format!("{dir}/{usage_file}"))
                 .unwrap()
                 .trim()
                 .parse()
                 .unwrap();
-            let usage = usage.expect("a cgroup v2 is visible: its usage is exported");
+            let usage = usage.expect("a memory cgroup is visible: its usage is exported");
             assert!(
                 (usage - current).abs() <= current * 0.10,
-                "{usage} vs {current}"
+                "{usage} vs {current} ({dir}/{usage_file})"
             );
-            let max = std::fs::read_to_string(format!("{dir}/memory.max")).unwrap();
+            let max = std::fs::read_to_string(format!("{dir}/{limit_file}")).unwrap();
             let limit = exposition.value("process_cgroup_memory_limit_bytes");
-            match max.trim() {
-                "max" => assert_eq!(limit, None),
-                max => assert_eq!(limit, Some(max.parse().unwrap())),
+            match max.trim().parse::<f64>() {
+                Ok(max) if max < 2f64.powi(60) => assert_eq!(limit, Some(max)),
+                _ => assert_eq!(limit, None, "{dir}/{limit_file} is {max:?}: no limit"),
             }
         }
         None => {
-            eprintln!("no cgroup v2 visible from this process: checking only that no cgroup series is exported");
+            eprintln!("no memory cgroup visible from this process: checking only that no cgroup series is exported");
             assert_eq!(usage, None);
             assert_eq!(exposition.value("process_cgroup_memory_limit_bytes"), None);
         }

@@ -53,7 +53,7 @@ use super::handler::{Context, Handler};
 use super::job::{Flight, Job, JobKind, Runner};
 use super::query::{self, Query};
 use super::response::{self, Answer};
-use crate::governor::{Governor, LimitSetting, MemoryLimit, Shedding};
+use crate::governor::{Governor, HoldsShedding, LimitSetting, MemoryLimit, Shedding};
 use crate::jemalloc::tuning::{
     self, ChangeError, ChangeGuard, ConfigChange, ConfigUpdate, JemallocConfig, Setting,
     MAX_DECAY_MS,
@@ -63,7 +63,7 @@ use http::request::Parts;
 use http::{Method, StatusCode};
 use opentelemetry::metrics::Counter;
 use opentelemetry::KeyValue;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// The config endpoint of one layer.
@@ -76,7 +76,8 @@ pub(crate) struct Config {
     /// `…_jemalloc_config_changes_total`: the settings written by successful changes.
     changes: Counter<u64>,
     governor: Arc<Governor>,
-    shedding: Arc<Shedding>,
+    /// The layer's shared state, which holds its shedding switch (weak: it holds this).
+    shedding: Weak<dyn HoldsShedding>,
 }
 
 /// What a config request asks for.
@@ -185,7 +186,7 @@ impl Handler for Config {
             changer: context.runner(JobKind::ConfigChange),
             changes,
             governor: Arc::clone(context.governor),
-            shedding: Arc::clone(context.shedding),
+            shedding: Weak::clone(context.shedding),
         }
     }
 
@@ -215,9 +216,10 @@ impl Handler for Config {
         let ctl = crate::jemalloc::ctl::ctl().map_err(|e| response::jemalloc_error(&e))?;
         match *request {
             Request::Read { .. } => {
-                let (governor, shedding) = (Arc::clone(&self.governor), Arc::clone(&self.shedding));
+                let (governor, holder) = (Arc::clone(&self.governor), self.holder()?);
                 self.reads.join_or_start(move || {
-                    Configured::Read(tuning::read(ctl), GovernorView::read(&governor, &shedding))
+                    let view = GovernorView::read(&governor, holder.shedding());
+                    Configured::Read(tuning::read(ctl), view)
                 })
             }
             Request::Change(change, governor_change) => {
@@ -229,7 +231,7 @@ impl Handler for Config {
                     ));
                 };
                 let changes = self.changes.clone();
-                let (governor, shedding) = (Arc::clone(&self.governor), Arc::clone(&self.shedding));
+                let (governor, holder) = (Arc::clone(&self.governor), self.holder()?);
                 Job::spawn(&self.changer, move || {
                     Configured::Changed(change_all(
                         guard,
@@ -237,7 +239,7 @@ impl Handler for Config {
                         &change,
                         governor_change,
                         &governor,
-                        &shedding,
+                        holder.shedding(),
                         &changes,
                     ))
                 })
@@ -273,6 +275,18 @@ impl Handler for Config {
                 response::text(StatusCode::INTERNAL_SERVER_ERROR, e)
             }
         }
+    }
+}
+
+impl Config {
+    /// The layer's shared state: alive while a request is routed through it.
+    fn holder(&self) -> Result<Arc<dyn HoldsShedding>, Answer> {
+        self.shedding.upgrade().ok_or_else(|| {
+            response::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the layer is being dropped",
+            )
+        })
     }
 }
 
@@ -428,6 +442,53 @@ mod tests {
                 ..ConfigChange::default()
             })
         );
+    }
+
+    fn governor(query: &str) -> Result<GovernorChange, String> {
+        let checked = Query::check(Some(query), Config::PARAMS, "/debug/jemalloc/config");
+        checked.and_then(parse_governor).map_err(|answer| {
+            assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+            format!("{:?}", answer.into_body())
+        })
+    }
+
+    #[test]
+    fn the_governors_settings_parse_with_jemallocs() {
+        assert_eq!(
+            governor("memory_limit=320MiB&shed_requests=true&dirty_decay_ms=5"),
+            Ok(GovernorChange {
+                memory_limit: Some(Some(MemoryLimit::Bytes(320 << 20))),
+                shed_requests: Some(true),
+            })
+        );
+        assert_eq!(
+            governor("memory_limit=none"),
+            Ok(GovernorChange {
+                memory_limit: Some(None),
+                shed_requests: None,
+            })
+        );
+        assert_eq!(
+            governor("memory_limit=90%&shed_requests=false"),
+            Ok(GovernorChange {
+                memory_limit: Some(Some(MemoryLimit::PercentOfAvailable(90.0))),
+                shed_requests: Some(false),
+            })
+        );
+        assert!(governor("dirty_decay_ms=5").unwrap().is_empty());
+        for (query, expected) in [
+            (
+                "memory_limit=320MB",
+                "use bytes (1048576), KiB, MiB, GiB or TiB",
+            ),
+            ("memory_limit=None", "or memory_limit=none to clear it"),
+            ("memory_limit=0%", "from 1% to 100%"),
+            ("shed_requests=1", "use shed_requests=true|false"),
+            ("shed_requests=true&shed_requests=false", "given twice"),
+        ] {
+            let reason = governor(query).unwrap_err();
+            assert!(reason.contains(expected), "{query}: {reason}");
+        }
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub(crate) struct Context<'a> {
     pub(crate) jobs: &'a JobTelemetry,
     /// The process's memory governor, and this layer's shedding switch.
     pub(crate) governor: &'a std::sync::Arc<crate::governor::Governor>,
-    pub(crate) shedding: &'a std::sync::Arc<crate::governor::Shedding>,
+    pub(crate) shedding: &'a std::sync::Weak<dyn crate::governor::HoldsShedding>,
 }
 
 impl Context<'_> {

@@ -134,6 +134,22 @@ pub(crate) fn profiling_error(error: &ProfilingError) -> Answer {
     text(status, error)
 }
 
+/// The answer to a forwarded request shed while the process is over its memory limit: 503,
+/// `Retry-After: 1` (the governor polls every few milliseconds over the limit, so usage may
+/// be back under it within a second), and the usage and limit in whole MiB.
+pub(crate) fn shed_answer(status: &crate::governor::Status) -> Answer {
+    let mib = |bytes: Option<u64>| bytes.unwrap_or(0) >> 20;
+    retry_after(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(1),
+        format_args!(
+            "shedding load: memory use {} MiB is over the limit {} MiB",
+            mib(status.usage()),
+            mib(status.limit()),
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,20 +170,4 @@ mod tests {
         let body = answer.into_body();
         assert_eq!(http_body::Body::size_hint(&body).exact(), Some(7));
     }
-}
-
-/// The answer to a forwarded request shed while the process is over its memory limit: 503,
-/// `Retry-After: 1` (the governor polls every few milliseconds over the limit, so usage may
-/// be back under it within a second), and the usage and limit in whole MiB.
-pub(crate) fn shed_answer(status: &crate::governor::Status) -> Answer {
-    let mib = |bytes: Option<u64>| bytes.unwrap_or(0) >> 20;
-    retry_after(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Duration::from_secs(1),
-        format_args!(
-            "shedding load: memory use {} MiB is over the limit {} MiB",
-            mib(status.usage()),
-            mib(status.limit()),
-        ),
-    )
 }

@@ -32,8 +32,10 @@ use super::job::{Flight, Job, JobKind};
 use super::query::Query;
 use super::rate::Rate;
 use super::response::{self, Answer};
+use crate::governor::{Governor, HoldsShedding};
 use crate::jemalloc::ctl::{Ctl, PrintOptions};
 use crate::jemalloc::dump::dump;
+use crate::jemalloc::summary::{governor_hints, GovernorFacts};
 use crate::jemalloc::{JemallocError, StatsSummary};
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -55,6 +57,9 @@ pub(crate) struct Stats {
     dumps: Counter<u64>,
     /// Answers per second, other than `HEAD`.
     rate: Rate,
+    governor: Arc<Governor>,
+    /// The layer's shared state, which holds its shedding switch (weak: it holds this).
+    shedding: std::sync::Weak<dyn HoldsShedding>,
 }
 
 /// What a stats request asks for.
@@ -128,6 +133,8 @@ impl Handler for Stats {
             text: Arc::new(Flight::new(context.runner(JobKind::StatsDump), window)),
             dumps,
             rate: Rate::new(context.settings.stats_rate_limit),
+            governor: Arc::clone(context.governor),
+            shedding: std::sync::Weak::clone(context.shedding),
         }
     }
 
@@ -178,10 +185,15 @@ impl Handler for Stats {
                 ),
             )
         })?;
+        let shedding = self
+            .shedding
+            .upgrade()
+            .is_some_and(|h| h.shedding().active());
+        let facts = governor_facts(&self.governor, shedding);
         flight.join_or_start(move || {
             dumps.add(1, &[format.attribute()]);
             let dumped = match format {
-                Format::Json => json_dump(ctl, max_bytes),
+                Format::Json => json_dump(ctl, max_bytes, facts),
                 Format::Text => text_dump(ctl, max_bytes),
             };
             dumped.unwrap_or_else(Dumped::Failed)
@@ -216,8 +228,24 @@ impl Handler for Stats {
     }
 }
 
-fn json_dump(ctl: &Ctl, max_bytes: usize) -> Result<Dumped, JemallocError> {
-    let summary = StatsSummary::read(ctl)?;
+/// The governor's state as the summary's hints need it.
+fn governor_facts(governor: &Governor, shedding: bool) -> GovernorFacts {
+    let status = governor.status();
+    GovernorFacts {
+        limit: status.limit(),
+        usage: status.usage().unwrap_or(0),
+        unreclaimable: status.unreclaimable(),
+        shedding,
+    }
+}
+
+fn json_dump(
+    ctl: &Ctl,
+    max_bytes: usize,
+    governor: GovernorFacts,
+) -> Result<Dumped, JemallocError> {
+    let mut summary = StatsSummary::read(ctl)?;
+    summary.hints.extend(governor_hints(&governor));
     let mut options = PrintOptions {
         json: true,
         compact: false,

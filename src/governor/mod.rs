@@ -19,7 +19,7 @@ mod thread;
 
 pub use limit::{MemoryLimit, MemoryLimitError};
 pub(crate) use readings::usage;
-pub(crate) use thread::{Governor, LimitSetting, Shedding, Status};
+pub(crate) use thread::{Governor, HoldsShedding, LimitSetting, Shedding, Status};
 
 /// How close the process is to its memory limit, as the governor last judged it (after giving
 /// back what it could). Watch it with

@@ -19,12 +19,13 @@
 //!   until the oldest run leaves the window: a process whose live memory
 //!   exceeds the limit cannot make it spin (the death spiral Go's soft limit avoids the same
 //!   way).
-//! - **Nothing left**: when usage is over `L` after a run and less than 1 MiB or 1/256 of
-//!   `L` ([`nothing_left`]) is still reclaimable, the process is over its limit with
+//! - **Nothing left**: when a run leaves less than 1 MiB or 1/256 of `L` ([`nothing_left`])
+//!   reclaimable, no further run is made until that much is reclaimable again (or usage
+//!   falls under the mark): near the limit with live memory, a run per poll would burn the
+//!   budget on nothing. If usage is then over `L`, the process is over its limit with
 //!   nothing to give back (*unreclaimable*): live memory, not cached pages, is the problem.
-//!   The governor then polls at its slow rate, gives back nothing until that much is
-//!   reclaimable again, and stays in the state until usage falls under `L`. A warning is
-//!   logged once per such episode.
+//!   The governor then polls at its slow rate and stays in the state until usage falls
+//!   under `L` or reclaimable pages appear. A warning is logged once per such episode.
 //! - **Pressure**: [`Pressure::Ok`] under the mark, [`Pressure::Near`] from the mark to `L`,
 //!   [`Pressure::Over`] above `L`, each judged after giving back what it could.
 
@@ -92,6 +93,9 @@ pub(crate) struct Policy {
     runs: VecDeque<(Duration, Duration)>,
     /// How long the last run took: the estimate of the next one's cost.
     last_took: Duration,
+    /// The last run left less than [`nothing_left`]: no run until that much is reclaimable
+    /// again (or usage falls under the mark).
+    exhausted: bool,
     unreclaimable: bool,
     warned: bool,
 }
@@ -108,6 +112,7 @@ impl Policy {
             limit,
             runs: VecDeque::new(),
             last_took: Duration::ZERO,
+            exhausted: false,
             unreclaimable: false,
             warned: false,
         }
@@ -120,6 +125,7 @@ impl Policy {
     /// Changes the limit; the budget spent so far still counts.
     pub(crate) fn set_limit(&mut self, limit: u64) {
         self.limit = limit;
+        self.exhausted = false;
         self.unreclaimable = false;
         self.warned = false;
     }
@@ -181,9 +187,13 @@ impl Policy {
         let mark = self.mark();
         if usage >= mark {
             let floor = nothing_left(self.limit);
-            // While unreclaimable, give back only once something worth it has appeared.
-            let worth_it =
-                !self.unreclaimable || readings.reclaimable().is_some_and(|bytes| bytes >= floor);
+            // After a run that drained everything, give back only once something worth it has
+            // appeared: near the limit with live memory, a run per poll would burn the budget
+            // on nothing.
+            if self.exhausted && readings.reclaimable().is_some_and(|bytes| bytes >= floor) {
+                self.exhausted = false;
+            }
+            let worth_it = !self.exhausted;
             let now = readings.now();
             let spent = self.spent(now);
             // A run is made when the window is empty, or when one more run as long as the
@@ -200,16 +210,18 @@ impl Policy {
                     after = readings
                         .usage()
                         .unwrap_or(usage.saturating_sub(result.bytes));
-                    self.unreclaimable = after > self.limit && result.left < floor;
+                    self.exhausted = result.left < floor;
                 }
             } else if worth_it {
                 // Over budget: wait until the oldest run leaves the window.
                 let oldest = self.runs.front().map_or(now, |&(start, _)| start);
                 sleep = (oldest + BUDGET_WINDOW).saturating_sub(now).max(FAST_POLL);
             }
+        } else {
+            self.exhausted = false;
         }
+        self.unreclaimable = self.exhausted && after > self.limit;
         if after <= self.limit {
-            self.unreclaimable = false;
             self.warned = false;
         }
         if self.unreclaimable {
@@ -386,6 +398,33 @@ mod tests {
         fake.live = 1300 * MIB;
         let step = policy.step(&mut fake);
         assert!(step.unreclaimable && step.warn);
+    }
+
+    #[test]
+    fn near_the_limit_with_nothing_to_give_back_no_run_is_made() {
+        let mut policy = Policy::new(1000 * MIB);
+        // Live memory at 95 %: above the mark, under the limit, nothing cached.
+        let mut fake = Fake::new(950 * MIB, 0);
+        assert_eq!(policy.step(&mut fake).given_back, Some(0));
+        for _ in 0..100 {
+            let step = policy.step(&mut fake);
+            assert_eq!(step.given_back, None);
+            assert_eq!(step.pressure, Pressure::Near);
+            assert!(!step.unreclaimable);
+            assert_eq!(
+                step.sleep, FAST_POLL,
+                "near the limit, it keeps watching closely"
+            );
+        }
+        assert_eq!(fake.asked.len(), 1);
+        // Dirty pages appear: given back at the next poll.
+        fake.cached = 30 * MIB;
+        assert_eq!(policy.step(&mut fake).given_back, Some(30 * MIB));
+        // Under the mark, then over it again: a run is tried even with nothing cached.
+        fake.live = 100 * MIB;
+        policy.step(&mut fake);
+        fake.live = 950 * MIB;
+        assert_eq!(policy.step(&mut fake).given_back, Some(0));
     }
 
     #[test]

@@ -52,38 +52,28 @@ pub(crate) fn available() -> Option<(u64, &'static str)> {
 #[cfg(jemalloc)]
 mod imp {
     use super::GiveBack;
-    use crate::jemalloc::ctl::{ctl, ArenasControl};
-    use crate::system::{CgroupMemory, ProcessUsage};
+    use crate::jemalloc::ctl::ctl;
+    use crate::jemalloc::give_back;
+    use crate::system::limit::{detect_limit, memory_usage};
 
     pub(super) fn usage() -> Option<u64> {
-        ProcessUsage::read().map(|usage| usage.resident)
+        memory_usage().map(|usage| usage.bytes)
     }
 
     pub(super) fn reclaimable() -> Option<u64> {
-        let stats = ctl().ok()?.snapshot().ok()?;
-        Some(stats.dirty + stats.muzzy)
+        give_back::reclaimable(ctl().ok()?).ok()
     }
 
-    pub(super) fn give_back(_bytes: u64) -> Option<GiveBack> {
-        let ctl = ctl().ok()?;
-        let before = ctl.snapshot().ok()?;
-        ctl.arenas_control(ArenasControl::Purge).ok()?;
-        let after = ctl.snapshot().ok()?;
-        let held = |stats: &crate::JemallocStats| stats.dirty + stats.muzzy;
+    pub(super) fn give_back(bytes: u64) -> Option<GiveBack> {
+        let given = give_back::give_back(ctl().ok()?, bytes).ok()?;
         Some(GiveBack {
-            bytes: held(&before).saturating_sub(held(&after)),
-            left: held(&after),
+            bytes: given.bytes,
+            left: given.left,
         })
     }
 
     pub(super) fn available() -> Option<(u64, &'static str)> {
-        if let Some(max) = CgroupMemory::read().and_then(|cgroup| cgroup.max) {
-            return Some((max, "cgroup v2 memory.max"));
-        }
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some((kib * 1024, "physical memory"))
+        detect_limit().map(|limit| (limit.bytes, limit.source.as_str()))
     }
 }
 

@@ -94,7 +94,13 @@ struct Control {
     epoch: u64,
     running: bool,
     /// Every layer's shedding switch.
-    sheds: Vec<Weak<Shedding>>,
+    sheds: Vec<Weak<dyn HoldsShedding>>,
+}
+
+/// What holds a layer's [`Shedding`] switch: the layer's shared state, which keeps it inline
+/// so that a forwarded request reads it with one load from a pointer it already has.
+pub(crate) trait HoldsShedding: Send + Sync {
+    fn shedding(&self) -> &Shedding;
 }
 
 /// One layer's load-shedding switch: the service reads [`active`](Self::active), one atomic
@@ -172,12 +178,13 @@ impl Governor {
         lock(&self.inner.control).limit.clone()
     }
 
-    /// A new shedding switch for a layer, on or off.
-    pub(crate) fn shedding(&self, enabled: bool) -> Arc<Shedding> {
-        let shedding = Arc::new(Shedding::default());
+    /// A new shedding switch, on or off, for the layer `holder` is being built into (it
+    /// cannot be upgraded yet): the governor sets it from now on.
+    pub(crate) fn shedding(&self, holder: Weak<dyn HoldsShedding>, enabled: bool) -> Shedding {
+        let shedding = Shedding::default();
         let mut control = lock(&self.inner.control);
         control.sheds.retain(|shed| shed.strong_count() > 0);
-        control.sheds.push(Arc::downgrade(&shedding));
+        control.sheds.push(holder);
         self.set_shedding_locked(&shedding, enabled);
         shedding
     }
@@ -201,6 +208,9 @@ impl Governor {
     ///
     /// A one-line reason when a percentage is asked for and no limit can be detected.
     pub(crate) fn resolve(asked: MemoryLimit) -> Result<LimitSetting, String> {
+        // Detected again on every setting, explicit ones too: it also decides which usage
+        // the governor reads (the cgroup's, or the RSS), and a cgroup may have moved.
+        let detected = readings::available();
         if let MemoryLimit::Bytes(bytes) = asked {
             return Ok(LimitSetting {
                 asked,
@@ -208,7 +218,7 @@ impl Governor {
                 source: "explicit",
             });
         }
-        let Some((available, source)) = readings::available() else {
+        let Some((available, source)) = detected else {
             return Err(format!(
                 "memory_limit={asked} needs a limit to take a percentage of, and none was \
                  found (no cgroup limit, no /proc/meminfo): give bytes instead"
@@ -220,17 +230,6 @@ impl Governor {
             bytes: bytes.max(super::limit::MIN_LIMIT_BYTES),
             source,
         })
-    }
-
-    /// Sets the limit ([`resolve`](Self::resolve)d) and starts the thread if it is not
-    /// running.
-    ///
-    /// # Errors
-    ///
-    /// A one-line reason when a percentage cannot be resolved or the thread cannot start.
-    pub(crate) fn set_limit(&self, limit: Option<MemoryLimit>) -> Result<(), String> {
-        let setting = limit.map(Self::resolve).transpose()?;
-        self.apply_limit(setting)
     }
 
     /// Sets a resolved limit (starting the thread if it is not running) or clears it
@@ -245,6 +244,13 @@ impl Governor {
         control.changes += 1;
         match &setting {
             Some(setting) => {
+                tracing::info!(
+                    limit = setting.bytes,
+                    source = setting.source,
+                    "memory governor: keeping the process under {} MiB ({})",
+                    setting.bytes >> 20,
+                    setting.asked,
+                );
                 self.inner.status.limit.store(setting.bytes, Relaxed);
                 if !control.running {
                     control.running = true;
@@ -263,6 +269,9 @@ impl Governor {
                 }
             }
             None => {
+                if control.running {
+                    tracing::info!("memory governor: limit cleared, stopping");
+                }
                 retire(&self.inner, &mut control);
             }
         }
@@ -298,7 +307,8 @@ fn publish_pressure(inner: &Inner, control: &Control, pressure: Pressure) {
         .pressure
         .store(pressure.as_gauge() as u8, Relaxed);
     let over = pressure == Pressure::Over;
-    for shed in control.sheds.iter().filter_map(Weak::upgrade) {
+    for holder in control.sheds.iter().filter_map(Weak::upgrade) {
+        let shed = holder.shedding();
         shed.active.store(over && shed.enabled(), Relaxed);
     }
     inner.pressure.send_if_modified(|current| {

@@ -136,6 +136,11 @@ mod imp {
     const MALLCTL_ARENAS_ALL: usize = 4096;
     const PURGE_KEY: &str = "arena.4096.purge";
     const DECAY_KEY: &str = "arena.4096.decay";
+    /// The same controls on one arena (the key names the control; the arena goes in an
+    /// error's reason).
+    const ARENA_PURGE_KEY: &str = "arena.<i>.purge";
+    const ARENA_DECAY_KEY: &str = "arena.<i>.decay";
+    const ARENA_UNUSED_KEY: &str = "stats.arenas.<i>.pdirty";
 
     /// The MIB of one figure's key: `stats.<x>` has two components, `stats.arenas.<i>.<x>`
     /// four (tikv-jemalloc-ctl wants the exact length).
@@ -172,6 +177,9 @@ mod imp {
         purge: [usize; 3],
         decay: [usize; 3],
         page: u64,
+        /// `stats.arenas.0.pdirty` and `.pmuzzy`: the arena index is the third component.
+        pdirty: Mib<[usize; 4]>,
+        pmuzzy: Mib<[usize; 4]>,
     }
 
     fn err(key: &'static str) -> impl FnOnce(tikv_jemalloc_ctl::Error) -> JemallocError {
@@ -240,7 +248,12 @@ mod imp {
                 .iter()
                 .map(|figure| FigureMib::resolve(figure.key).map_err(err(figure.key_str())))
                 .collect::<Result<_, _>>()?;
+            let stats_mib = |name: &'static [u8]| -> Result<Mib<[usize; 4]>, JemallocError> {
+                name.name().mib().map_err(err(ARENA_UNUSED_KEY))
+            };
             Ok(Self {
+                pdirty: stats_mib(b"stats.arenas.0.pdirty\0")?,
+                pmuzzy: stats_mib(b"stats.arenas.0.pmuzzy\0")?,
                 epoch: epoch::mib().map_err(err("epoch"))?,
                 figures,
                 narenas: arenas::narenas::mib().map_err(err("arenas.narenas"))?,
@@ -289,30 +302,48 @@ mod imp {
                 ArenasControl::Decay => (DECAY_KEY, &self.decay),
             };
             fault(key)?;
-            // SAFETY: `mib` was resolved by `mallctlnametomib` for `arena.4096.purge` or
-            // `arena.4096.decay`, void controls: they take no input and produce no output, so
-            // null `oldp`/`oldlenp`/`newp` with `newlen == 0` is the documented call.
-            // tikv-jemalloc-ctl has no wrapper for void controls (`raw::write` sends a value
-            // and gets EPERM back).
-            #[allow(unsafe_code)]
-            let code = unsafe {
-                tikv_jemalloc_sys::mallctlbymib(
-                    mib.as_ptr(),
-                    mib.len(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    0,
-                )
+            void_control(mib).map_err(|code| JemallocError::Mallctl {
+                key,
+                reason: std::io::Error::from_raw_os_error(code).to_string(),
+            })
+        }
+
+        /// `arena.<i>.purge` or `.decay` (see [`ArenasControl`]) for arena `arena` alone: an
+        /// index from [`initialized_arenas`](Self::initialized_arenas) or
+        /// [`arena_figures`](Self::arena_figures). Blocks the calling thread for as long as
+        /// that takes.
+        pub(crate) fn arena_control(
+            &self,
+            arena: u32,
+            control: ArenasControl,
+        ) -> Result<(), JemallocError> {
+            let (key, mut mib) = match control {
+                ArenasControl::Purge => (ARENA_PURGE_KEY, self.purge),
+                ArenasControl::Decay => (ARENA_DECAY_KEY, self.decay),
             };
-            if code == 0 {
-                Ok(())
-            } else {
-                Err(JemallocError::Mallctl {
-                    key,
-                    reason: std::io::Error::from_raw_os_error(code).to_string(),
-                })
-            }
+            mib[1] = arena as usize;
+            fault(key)?;
+            void_control(&mib).map_err(|code| JemallocError::Mallctl {
+                key,
+                reason: format!("arena {arena}: {}", std::io::Error::from_raw_os_error(code)),
+            })
+        }
+
+        /// Advances jemalloc's epoch alone: the statistics read after it are fresh.
+        pub(crate) fn advance_epoch(&self) -> Result<(), JemallocError> {
+            fault("epoch")?;
+            self.epoch.advance().map(drop).map_err(err("epoch"))
+        }
+
+        /// Arena `arena`'s unused pages, from the current epoch: `stats.arenas.<i>.pdirty` and
+        /// `stats.arenas.<i>.pmuzzy`, in bytes.
+        pub(crate) fn arena_unused(&self, arena: u32) -> Result<(u64, u64), JemallocError> {
+            let read = |mut mib: Mib<[usize; 4]>| -> Result<u64, JemallocError> {
+                mib[2] = arena as usize;
+                let pages: usize = mib.read().map_err(arena_err(ARENA_UNUSED_KEY, arena))?;
+                Ok(pages as u64 * self.page)
+            };
+            Ok((read(self.pdirty)?, read(self.pmuzzy)?))
         }
 
         /// jemalloc's build and run-time configuration.
@@ -632,6 +663,35 @@ mod imp {
         }
     }
 
+    /// Calls the void control `mib` (`arena.<i>.purge` or `arena.<i>.decay`, any index):
+    /// jemalloc's error code when it fails.
+    fn void_control(mib: &[usize; 3]) -> Result<(), i32> {
+        // SAFETY: `mib` is the MIB `mallctlnametomib` resolved for `arena.4096.purge` or
+        // `arena.4096.decay`, its arena component (index 1) possibly replaced by another
+        // arena index, which jemalloc checks before use (an index above `arenas.narenas`
+        // answers ENOENT, an arena not initialized is skipped; the index `arenas.narenas`
+        // itself means all arenas, so callers pass indexes of initialized arenas). These are
+        // void controls: they take no input and produce no output, so null
+        // `oldp`/`oldlenp`/`newp` with `newlen == 0` is the documented call. tikv-jemalloc-ctl
+        // has no wrapper for void controls (`raw::write` sends a value and gets EPERM back).
+        #[allow(unsafe_code)]
+        let code = unsafe {
+            tikv_jemalloc_sys::mallctlbymib(
+                mib.as_ptr(),
+                mib.len(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(code)
+        }
+    }
+
     /// tikv-jemalloc-ctl's string reads keep jemalloc's C terminator.
     fn trim_nul(s: &'static str) -> &'static str {
         s.trim_end_matches('\0')
@@ -665,6 +725,15 @@ mod unsupported {
             match *self {}
         }
         pub(crate) fn arenas_control(&self, _: ArenasControl) -> Result<(), JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn arena_control(&self, _: u32, _: ArenasControl) -> Result<(), JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn advance_epoch(&self) -> Result<(), JemallocError> {
+            match *self {}
+        }
+        pub(crate) fn arena_unused(&self, _: u32) -> Result<(u64, u64), JemallocError> {
             match *self {}
         }
         pub(crate) fn settings(&self) -> Result<Settings, JemallocError> {

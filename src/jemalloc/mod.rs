@@ -5,6 +5,7 @@
 //! - [`ctl`]: every mallctl call, through MIBs resolved once per process.
 //! - [`dump`]: `malloc_stats_print` into memory, capped.
 //! - [`purge`]: returning unused pages to the OS, one purge at a time.
+//! - [`give_back`]: returning unused pages by amount, the arenas holding the most first.
 //! - [`profiling`]: the heap profiler switched on and off, its dumps as pprof or flame graphs.
 //! - [`options`]: where jemalloc reads its options in this build (prefixed or not), and the
 //!   snippets that set them.
@@ -18,6 +19,8 @@ mod error;
 #[cfg(all(jemalloc, fault_injection))]
 pub(crate) mod fault;
 pub(crate) mod figures;
+#[allow(dead_code)] // The memory governor (`src/governor/`) is what uses it.
+pub(crate) mod give_back;
 pub(crate) mod options;
 mod process_slot;
 pub(crate) mod profiling;

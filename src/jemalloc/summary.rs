@@ -196,6 +196,47 @@ struct Outside {
     cgroup: Option<CgroupMemory>,
 }
 
+/// The memory governor's state, for its hints (filled by the stats endpoint: this module
+/// knows nothing of the governor).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct GovernorFacts {
+    /// The limit in bytes, if one is set.
+    pub(crate) limit: Option<u64>,
+    /// The usage the governor last read.
+    pub(crate) usage: u64,
+    /// Over the limit with nothing left to give back.
+    pub(crate) unreclaimable: bool,
+    /// This layer is shedding forwarded requests now.
+    pub(crate) shedding: bool,
+}
+
+/// What the governor's state suggests, in plain language.
+pub(crate) fn governor_hints(facts: &GovernorFacts) -> Vec<String> {
+    let mut hints = Vec::new();
+    let Some(limit) = facts.limit else {
+        return hints;
+    };
+    if facts.unreclaimable {
+        hints.push(format!(
+            "Memory use {usage} MiB is over the limit {limit} MiB with nothing left to give \
+             back: live memory exceeds the limit, not cached pages. Raise the limit (PUT \
+             /debug/jemalloc/config?memory_limit=SIZE), find what holds the memory (GET \
+             /debug/pprof/heap), or turn load away (shed_requests=true).",
+            usage = facts.usage >> 20,
+            limit = limit >> 20,
+        ));
+    }
+    if facts.shedding {
+        hints.push(format!(
+            "This layer is shedding load: forwarded requests get 503 with Retry-After while \
+             memory use is over the limit {} MiB, and are served again as soon as it falls \
+             under it (jemalloc_shed_requests_total counts them).",
+            limit >> 20,
+        ));
+    }
+    hints
+}
+
 /// What the figures suggest, in plain language.
 fn hints(
     settings: &Settings,
@@ -566,6 +607,29 @@ mod tests {
             json["malloc_conf"]["built_in"],
             "prof:true,prof_active:false"
         );
+    }
+
+    #[test]
+    fn governor_hints_say_what_is_over_and_what_to_do() {
+        assert!(governor_hints(&GovernorFacts::default()).is_empty());
+        let calm = GovernorFacts {
+            limit: Some(320 << 20),
+            usage: 100 << 20,
+            ..GovernorFacts::default()
+        };
+        assert!(governor_hints(&calm).is_empty());
+        let over = GovernorFacts {
+            limit: Some(320 << 20),
+            usage: 400 << 20,
+            unreclaimable: true,
+            shedding: true,
+        };
+        let hints = governor_hints(&over);
+        assert_eq!(hints.len(), 2);
+        assert!(hints[0].starts_with("Memory use 400 MiB is over the limit 320 MiB"));
+        assert!(hints[0].contains("live memory exceeds the limit"));
+        assert!(hints[0].contains("memory_limit=SIZE"));
+        assert!(hints[1].contains("shedding load"));
     }
 
     #[test]

@@ -14,12 +14,16 @@
 //!   (counters): the governor's work, for the whole process;
 //! - `jemalloc_shed_requests_total` (counter): the forwarded requests this layer shed.
 
-use crate::governor::{Governor, Shedding};
+use crate::governor::{Governor, HoldsShedding};
 use opentelemetry::metrics::Meter;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// Registers the governor's instruments on `meter`, reading `governor` and `shedding`.
-pub(crate) fn register(meter: &Meter, governor: &Arc<Governor>, shedding: &Arc<Shedding>) {
+pub(crate) fn register(
+    meter: &Meter,
+    governor: &Arc<Governor>,
+    shedding: &Weak<dyn HoldsShedding>,
+) {
     // The handles are markers: the SDK keeps each callback for the provider's lifetime. The
     // callbacks hold the governor weakly, so that a provider of the user's own, which may
     // outlive the layer, does not keep the governor thread running.
@@ -98,13 +102,13 @@ pub(crate) fn register(meter: &Meter, governor: &Arc<Governor>, shedding: &Arc<S
             }
         })
         .build();
-    let s = Arc::downgrade(shedding);
+    let s = Weak::clone(shedding);
     let _shed = meter
         .u64_observable_counter("jemalloc.shed_requests")
         .with_description("Forwarded requests answered 503 because memory is over the limit")
         .with_callback(move |observer| {
             if let Some(s) = s.upgrade() {
-                observer.observe(s.shed(), &[]);
+                observer.observe(s.shedding().shed(), &[]);
             }
         })
         .build();

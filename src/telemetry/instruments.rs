@@ -140,8 +140,8 @@ pub fn register_instruments_with(
 
     // The process's whole memory beside jemalloc's, from the same snapshot: what makes RSS
     // differ from `resident` (thread stacks, mapped files, another allocator) shows here. The
-    // cgroup's figures exist only inside a cgroup v2: no series elsewhere (never a fake zero),
-    // and none for the limit when there is none.
+    // cgroup's figures exist only inside a memory cgroup (v2, or v1's memory controller): no
+    // series elsewhere (never a fake zero), and none for the limit when there is none.
     type Reading = fn(&Snapshot) -> Option<u64>;
     let process: [(&str, &str, Reading); 4] = [
         (
@@ -156,12 +156,12 @@ pub fn register_instruments_with(
         ),
         (
             "process.cgroup.memory.usage",
-            "Memory the kernel charges to the process's cgroup v2 (memory.current)",
+            "Memory the kernel charges to the process's cgroup (v2 memory.current, v1 memory.usage_in_bytes)",
             |snapshot| snapshot.cgroup.map(|cgroup| cgroup.current),
         ),
         (
             "process.cgroup.memory.limit",
-            "The memory limit of the process's cgroup v2 (memory.max), when it has one",
+            "The memory limit of the process's cgroup (v2 memory.max, v1 memory.limit_in_bytes), when it has one",
             |snapshot| snapshot.cgroup.and_then(|cgroup| cgroup.max),
         ),
     ];
