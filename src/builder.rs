@@ -472,8 +472,8 @@ impl JemallocLayerBuilder {
     /// A [`BuildError`] naming the bad setting: a path that is not an absolute path, two
     /// endpoints on the same path, an invalid namespace, a namespace given with your own
     /// registry, the exporter failing to register, a token that cannot be sent in a header,
-    /// a scrape limit of zero, a job deadline of zero, or a memory limit given as a percentage
-    /// when no limit can be detected to take it of.
+    /// a scrape limit of zero, a job deadline of zero, a memory limit under 1 MiB, or a memory
+    /// limit given as a percentage when no limit can be detected to take it of.
     pub fn build(self) -> Result<JemallocLayer, BuildError> {
         if self.settings.max_concurrent_scrapes == 0 {
             return Err(BuildError::ZeroScrapeLimit);
@@ -555,7 +555,10 @@ impl JemallocLayerBuilder {
             // shared state, weakly: the shared state holds them.
             let holder: Weak<dyn HoldsShedding> = shared.clone();
             let shedding = governor.shedding(Weak::clone(&holder), self.shed_requests);
-            crate::telemetry::governor::register(&meter, &governor, &holder);
+            // Like the jemalloc gauges, left out when jemalloc is not usable here.
+            if crate::jemalloc::ctl::ctl().is_ok() {
+                crate::telemetry::governor::register(&meter, &governor, &holder);
+            }
             let context = Context {
                 registry: &registry,
                 meter: &meter,
@@ -776,6 +779,11 @@ mod tests {
         assert!(matches!(err, BuildError::ZeroScrapeLimit), "{err:?}");
         let err = refused(JemallocLayer::builder().job_deadline(Duration::ZERO));
         assert!(matches!(err, BuildError::ZeroJobDeadline), "{err:?}");
+        let err = refused(JemallocLayer::builder().memory_limit(MemoryLimit::Bytes(4096)));
+        assert_eq!(
+            err.to_string(),
+            "cannot set the memory limit: memory limit of 4096 bytes is below the smallest, 1MiB"
+        );
     }
 
     #[test]

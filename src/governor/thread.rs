@@ -212,6 +212,11 @@ impl Governor {
         // the governor reads (the cgroup's, or the RSS), and a cgroup may have moved.
         let detected = readings::available();
         if let MemoryLimit::Bytes(bytes) = asked {
+            if bytes < super::limit::MIN_LIMIT_BYTES {
+                return Err(format!(
+                    "memory limit of {bytes} bytes is below the smallest, 1MiB"
+                ));
+            }
             return Ok(LimitSetting {
                 asked,
                 bytes,

@@ -140,11 +140,11 @@ impl Cgroup {
         self.directory.join(self.version.usage_file())
     }
 
-    /// The cgroup's own figures.
+    /// The cgroup's own figures (an unreadable limit file counts as no limit).
     pub(crate) fn memory(&self) -> Option<CgroupMemory> {
         Some(CgroupMemory {
             current: self.usage()?,
-            max: self.limit_of(&self.directory)?,
+            max: self.limit_of(&self.directory).flatten(),
         })
     }
 
@@ -366,6 +366,15 @@ pub(crate) mod tests {
             "536870912\n",
         );
         assert_eq!(cgroup.memory().unwrap().max, Some(512 << 20));
+        // Without a limit file (the root cgroup has none), the usage is still reported.
+        std::fs::remove_file(root.path("sys/fs/cgroup/app.slice/app.service/memory.max")).unwrap();
+        assert_eq!(
+            cgroup.memory(),
+            Some(CgroupMemory {
+                current: 1234,
+                max: None
+            })
+        );
     }
 
     #[test]
