@@ -570,7 +570,8 @@ fn switches_take_no_value() {
 }
 
 /// The example server's `--memory-limit` and `--shed-requests` reach the layer: its config
-/// endpoint shows them. A limit the parser refuses stops the server with the reason.
+/// endpoint shows them, and over the limit it sheds every forwarded request but the one that
+/// frees memory. A limit the parser refuses stops the server with the reason.
 #[tokio::test]
 async fn memory_flags_reach_the_layer() {
     use common::{request, send};
@@ -612,6 +613,38 @@ async fn memory_flags_reach_the_layer() {
         assert_eq!(unlimited["shed_requests"], false, "{list:?}: {unlimited}");
         assert!(parsed.memory_summary().starts_with("no memory limit"));
     }
+
+    // Over a 1 MiB limit (this process uses more; nothing brings it under), a layer built
+    // with the flags sheds forwarded requests, but not the one that frees memory, and its own
+    // endpoints answer. In this test, after the others: the limit is the process's.
+    let shedding = args(&["--memory-limit", "1MiB", "--shed-requests"]);
+    let builder = JemallocLayer::builder().allow_anonymous(Endpoint::Purge);
+    let layer = shedding.memory_flags(builder).unwrap().build().unwrap();
+    let mut app: Router = Router::new()
+        .route("/demo/work", post(|| async { "worked" }))
+        .route("/demo/leak", axum::routing::delete(|| async { "freed" }))
+        .layer(layer);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let shed = loop {
+        let answer = send(&mut app, request("POST", "/demo/work")).await;
+        if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+            break answer;
+        }
+        assert_eq!(answer.text(), "worked");
+        assert!(std::time::Instant::now() < until, "not shed within 20 s");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(shed.headers["retry-after"], "1");
+    assert!(
+        shed.text().starts_with("shedding load: memory use "),
+        "{}",
+        shed.text()
+    );
+    let freed = send(&mut app, request("DELETE", "/demo/leak")).await;
+    assert_eq!((freed.status, freed.text()), (StatusCode::OK, "freed"));
+    let metrics = send(&mut app, request("GET", "/metrics")).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    drop(app);
 
     for bad in ["320MB", "0", "150%", ""] {
         let Err(reason) = args(&["--memory-limit", bad]).memory_flags(JemallocLayer::builder())

@@ -31,7 +31,8 @@ pub const MEMORY_FLAGS: &[Flag] = &[
         "--shed-requests",
         "",
         "answer forwarded requests 503 (Retry-After: 1) while memory stays\
-         \n                       over the limit; /metrics and the debug endpoints always answer",
+         \n                       over the limit, except DELETE /demo/leak, which frees memory;\
+         \n                       /metrics and the debug endpoints always answer",
     ),
 ];
 
@@ -89,6 +90,8 @@ impl Args {
 
     /// `builder` with the memory limit of `--memory-limit` (none when absent or `none`) and
     /// shedding when `--shed-requests` is given, or the reason the limit is not valid.
+    /// Requests that free memory ([`frees_memory`]: `DELETE /demo/leak`) are never shed, or a
+    /// server over its limit because of what `/demo/leak` keeps could not be brought back.
     /// Shedding without a limit is accepted: a limit may come later, at run time
     /// (`PUT /debug/jemalloc/config?memory_limit=320MiB`).
     pub fn memory_flags(
@@ -105,7 +108,9 @@ impl Args {
             }
         }
         if self.extra("--shed-requests").is_some() {
-            builder = builder.shed_requests(true);
+            builder = builder
+                .shed_requests(true)
+                .shed_when(|request| !frees_memory(request));
         }
         Ok(builder)
     }
@@ -150,6 +155,11 @@ impl Args {
             None => format!("curl -s -X POST http://{addr}/debug/jemalloc/purge"),
         }
     }
+}
+
+/// Whether `request` frees memory (`DELETE /demo/leak`): shedding lets it through.
+pub fn frees_memory(request: &http::request::Parts) -> bool {
+    request.method == http::Method::DELETE && request.uri.path() == "/demo/leak"
 }
 
 /// The endpoints an access rule guards (every one but `/metrics`), as `name (path)`.
