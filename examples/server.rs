@@ -8,6 +8,23 @@
 //! curl -s -X POST localhost:9070/debug/jemalloc/purge
 //! ```
 //!
+//! `POST /demo/work?mib=N&ms=T` is a request that needs N MiB for T ms, as a real handler
+//! would: many may run at once (at most 64, holding at most 4096 MiB together; 429 with
+//! `Retry-After: 1` beyond), which makes load to try a memory limit with (`common/work.rs`).
+//!
+//! `--memory-limit SIZE` (`320MiB`, `90%`, or `none`, the default) keeps the process under a
+//! memory limit: the layer's governor gives jemalloc's cached pages back above 90 % of it, and
+//! the server prints changes of memory pressure, at most one a second (where a real service
+//! would drop a cache).
+//! `--shed-requests` also answers forwarded requests 503 while memory stays over the limit,
+//! all but `DELETE /demo/leak`, which frees memory (README, "Stay under a memory limit"):
+//!
+//! ```text
+//! cargo run --release --example server -- --memory-limit 512MiB --shed-requests
+//! curl -s -X POST 'localhost:9070/demo/work?mib=64&ms=500'
+//! curl -s -X PUT 'localhost:9070/debug/jemalloc/config?memory_limit=320MiB'
+//! ```
+//!
 //! Built with `--features profiling`, it starts with jemalloc's heap profiler available and
 //! inactive, and `POST /demo/leak?mib=N` keeps memory on purpose, for finding it in a profile
 //! (README, "Find what holds the memory"):
@@ -56,16 +73,19 @@ static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::
 static MALLOC_CONF: &[u8] = b"prof:true,prof_active:false\0";
 
 /// The routes that allocate on request, named in the guard's answers.
-const DEMO_ROUTES: &str = "the /demo/* routes (churn, leak)";
+const DEMO_ROUTES: &str = "the /demo/* routes (churn, leak, work)";
 
 #[tokio::main]
 async fn main() {
     let notes = "The /demo/* routes allocate up to 4 GiB a request: they answer loopback peers\n\
                  only, and other peers only with Authorization: Bearer TOKEN when the server\n\
                  has a token (--purge-token or PURGE_TOKEN).";
-    let args = common::parse_with_notes("server", 9070, &[], notes);
+    let args = common::parse_with_notes("server", 9070, common::MEMORY_FLAGS, notes);
 
-    let layer = args.layer();
+    let layer = args
+        .memory_flags(args.builder())
+        .and_then(|builder| builder.build().map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| common::fail(2, e));
     let guard = LoopbackOrToken::new(DEMO_ROUTES, args.purge_token.as_deref());
 
     let demo = Router::new()
@@ -73,6 +93,7 @@ async fn main() {
         .with_state(Arc::new(Semaphore::new(1)))
         .route("/demo/leak", post(leak).delete(release))
         .with_state(Leaked::default())
+        .merge(common::work::router(common::work::Work::default()))
         .route_layer(axum::middleware::from_fn_with_state(
             guard.clone(),
             loopback_or_token,
@@ -98,13 +119,32 @@ async fn main() {
     common::say(format_args!(
         "  curl -s -X POST 'http://{url}/demo/churn?mib=512'"
     ));
+    common::say(format_args!(
+        "  curl -s -X POST 'http://{url}/demo/work?mib=64&ms=500'"
+    ));
     common::say(format_args!("  {}", args.purge_command(bound)));
     common::say(format_args!("  {}", guard.rule()));
+    common::say(format_args!("  {}", args.memory_summary()));
     if cfg!(feature = "profiling") {
         common::say(
             "  heap profiling is available, inactive: README, \"Find what holds the memory\"",
         );
     }
+
+    // The application's side of the limit: a real service would drop a cache here.
+    // At most a line a second: near the limit the state may change at every poll (2 ms).
+    let mut pressure = layer.memory_pressure();
+    tokio::spawn(async move {
+        let mut said = *pressure.borrow_and_update();
+        while pressure.changed().await.is_ok() {
+            let now = *pressure.borrow_and_update();
+            if now != said {
+                common::say(format_args!("memory pressure: {now:?}"));
+                said = now;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
 
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

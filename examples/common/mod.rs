@@ -5,15 +5,36 @@
 
 pub mod loopback;
 pub mod serve;
+pub mod work;
 
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder};
+use tower_jemalloc::{Endpoint, JemallocLayer, JemallocLayerBuilder, MemoryLimit};
 
-/// An example-specific flag that takes a value: name (`--interval`), value name, help.
+/// An example-specific flag: name (`--interval`), value name, help. A flag with an empty value
+/// name is a switch that takes no value (`--shed-requests`): given, its value is `"true"`.
 pub type Flag = (&'static str, &'static str, &'static str);
+
+/// The example server's memory flags: `--memory-limit SIZE|none` and `--shed-requests`
+/// ([`Args::memory_flags`]).
+pub const MEMORY_FLAGS: &[Flag] = &[
+    (
+        "--memory-limit",
+        "SIZE",
+        "keep the process under SIZE, giving jemalloc's cached pages back\
+         \n                       above 90 % of it: bytes, KiB/MiB/GiB (320MiB), a percentage of\
+         \n                       the cgroup's or the machine's memory (90%), or none (default)",
+    ),
+    (
+        "--shed-requests",
+        "",
+        "answer forwarded requests 503 (Retry-After: 1) while memory stays\
+         \n                       over the limit, except DELETE /demo/leak, which frees memory;\
+         \n                       /metrics and the debug endpoints always answer",
+    ),
+];
 
 /// The parsed command line.
 pub struct Args {
@@ -67,6 +88,50 @@ impl Args {
         })
     }
 
+    /// `builder` with the memory limit of `--memory-limit` (none when absent or `none`) and
+    /// shedding when `--shed-requests` is given, or the reason the limit is not valid.
+    /// Requests that free memory ([`frees_memory`]: `DELETE /demo/leak`) are never shed, or a
+    /// server over its limit because of what `/demo/leak` keeps could not be brought back.
+    /// Shedding without a limit is accepted: a limit may come later, at run time
+    /// (`PUT /debug/jemalloc/config?memory_limit=320MiB`).
+    pub fn memory_flags(
+        &self,
+        mut builder: JemallocLayerBuilder,
+    ) -> Result<JemallocLayerBuilder, String> {
+        match self.extra("--memory-limit") {
+            None | Some("none") => {}
+            Some(size) => {
+                let limit: MemoryLimit = size
+                    .parse()
+                    .map_err(|e| format!("--memory-limit: {e}; or none"))?;
+                builder = builder.memory_limit(limit);
+            }
+        }
+        if self.extra("--shed-requests").is_some() {
+            builder = builder
+                .shed_requests(true)
+                .shed_when(|request| !frees_memory(request));
+        }
+        Ok(builder)
+    }
+
+    /// What the memory flags set, in a line for the banner.
+    pub fn memory_summary(&self) -> String {
+        let shedding = if self.extra("--shed-requests").is_some() {
+            "forwarded requests shed while over it"
+        } else {
+            "no shedding (--shed-requests)"
+        };
+        match self.extra("--memory-limit") {
+            None | Some("none") => format!(
+                "no memory limit (--memory-limit SIZE, or PUT /debug/jemalloc/config?memory_limit=SIZE); {shedding}"
+            ),
+            Some(size) => format!(
+                "memory limit {size}: cached pages given back above 90 % of it; {shedding}"
+            ),
+        }
+    }
+
     /// The layer from the command line, or exit 2 with the reason.
     pub fn layer(&self) -> JemallocLayer {
         self.builder().build().unwrap_or_else(|e| fail(2, e))
@@ -90,6 +155,11 @@ impl Args {
             None => format!("curl -s -X POST http://{addr}/debug/jemalloc/purge"),
         }
     }
+}
+
+/// Whether `request` frees memory (`DELETE /demo/leak`): shedding lets it through.
+pub fn frees_memory(request: &http::request::Parts) -> bool {
+    request.method == http::Method::DELETE && request.uri.path() == "/demo/leak"
 }
 
 /// The endpoints an access rule guards (every one but `/metrics`), as `name (path)`.
@@ -157,7 +227,7 @@ pub fn parse_with_notes(program: &str, port: u16, flags: &[Flag], notes: &str) -
     let mut usage =
         format!("usage: {program} [--addr HOST:PORT] [--namespace NAME] [--purge-token TOKEN]");
     for (name, value, _) in flags {
-        usage.push_str(&format!(" [{name} {value}]"));
+        usage.push_str(&format!(" [{}]", format!("{name} {value}").trim_end()));
     }
     usage.push_str(&format!(
         "\n  --addr HOST:PORT     address to listen on, an IP or a host name (default 127.0.0.1:{port})\
@@ -174,7 +244,8 @@ pub fn parse_with_notes(program: &str, port: u16, flags: &[Flag], notes: &str) -
             .join(", ")
     ));
     for (name, value, help) in flags {
-        usage.push_str(&format!("\n  {:<19}  {help}", format!("{name} {value}")));
+        let flag = format!("{name} {value}");
+        usage.push_str(&format!("\n  {:<19}  {help}", flag.trim_end()));
     }
     if !notes.is_empty() {
         usage.push_str(&format!("\n\n{notes}"));
@@ -223,6 +294,9 @@ pub fn parse_from(
             "--purge-token" => args.purge_token = Some(value("--purge-token")?),
             "-h" | "--help" => return Err(String::new()),
             other => match flags.iter().find(|(name, _, _)| *name == other) {
+                Some((name, "", _)) => {
+                    args.extra.insert(name, "true".to_owned());
+                }
                 Some((name, _, _)) => {
                     let v = value(name)?;
                     args.extra.insert(name, v);
