@@ -382,9 +382,11 @@ impl JemallocLayerBuilder {
     /// process's RSS) on its own thread, `jemalloc-governor`, and above 90 % of the limit
     /// gives jemalloc's cached (dirty, then muzzy) pages back to the OS by amount (what
     /// usage exceeds 90 % by, plus 2 % of the limit), the arenas holding the most first. It
-    /// polls every 100 ms up to half the limit, faster as usage nears 90 %, every 2 ms above
-    /// it, and spends at most 10 % of one core (measured over the last second) giving pages
-    /// back. When usage stays over the limit with nothing left to give back, live memory is
+    /// polls as often as a 4 GiB/s burst needs to be seen before it passes 90 % (every 100 ms
+    /// far from the limit, every 2 ms near it), and spends at most half a core giving pages
+    /// back, and at most 10 % of one core on runs that find little to give back (both
+    /// measured over the last second). When usage stays over the limit with nothing left to
+    /// give back, live memory is
     /// the problem: it says so (the `jemalloc_memory_unreclaimable` gauge, a warning logged
     /// once, a stats hint), polls every 100 ms instead of spinning, and sheds load if
     /// [`shed_requests`](Self::shed_requests) is on. The application can react through
