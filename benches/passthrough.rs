@@ -12,7 +12,10 @@
 //! cargo bench --bench passthrough --no-run   # prints the bench binary's path
 //! PASSTHROUGH_COUNT=with valgrind --tool=callgrind --toggle-collect='*calls_in_a_row*' <binary>
 //! PASSTHROUGH_COUNT=without valgrind --tool=callgrind --toggle-collect='*calls_in_a_row*' <binary>
+//! PASSTHROUGH_COUNT=governor valgrind --tool=callgrind --toggle-collect='*calls_in_a_row*' <binary>
 //! ```
+//!
+//! (`governor`: the layer with a memory limit set and shedding on, never reached.)
 //!
 //! Each run makes [`COUNTED_CALLS`] calls inside `calls_in_a_row`; the difference of the two
 //! `Collected` totals divided by that is the instructions the layer adds per forwarded call.
@@ -131,7 +134,17 @@ fn count(mode: &str) {
     match mode {
         "with" => run(JemallocLayer::builder().build().unwrap().layer(Answer)),
         "without" => run(Answer),
-        other => panic!("PASSTHROUGH_COUNT is `with` or `without`, not `{other}`"),
+        // The memory governor running, with a limit far above this process's use (never
+        // shedding, polling at its slowest): what a forwarded call pays for the shedding check.
+        "governor" => run(
+            JemallocLayer::builder()
+                .memory_limit(tower_jemalloc::MemoryLimit::Bytes(1 << 40))
+                .shed_requests(true)
+                .build()
+                .unwrap()
+                .layer(Answer),
+        ),
+        other => panic!("PASSTHROUGH_COUNT is `with`, `without` or `governor`, not `{other}`"),
     }
     println!("{COUNTED_CALLS} calls {mode} the layer");
 }
