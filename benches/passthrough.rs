@@ -136,14 +136,12 @@ fn count(mode: &str) {
         "without" => run(Answer),
         // The memory governor running, with a limit far above this process's use (never
         // shedding, polling at its slowest): what a forwarded call pays for the shedding check.
-        "governor" => run(
-            JemallocLayer::builder()
-                .memory_limit(tower_jemalloc::MemoryLimit::Bytes(1 << 40))
-                .shed_requests(true)
-                .build()
-                .unwrap()
-                .layer(Answer),
-        ),
+        "governor" => run(JemallocLayer::builder()
+            .memory_limit(tower_jemalloc::MemoryLimit::Bytes(1 << 40))
+            .shed_requests(true)
+            .build()
+            .unwrap()
+            .layer(Answer)),
         other => panic!("PASSTHROUGH_COUNT is `with`, `without` or `governor`, not `{other}`"),
     }
     println!("{COUNTED_CALLS} calls {mode} the layer");
