@@ -148,7 +148,7 @@ impl<S> JemallocService<S> {
             Some(shed_when) => shed_when(&parts),
             None => true,
         };
-        if shed {
+        if shed && !self.shared.shedding.try_admit() {
             self.shared.shedding.count();
             let status = self.shared.guard.governor.status();
             return ResponseFuture::reply(Reply::Now(shed_answer(status)));

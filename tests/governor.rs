@@ -336,6 +336,45 @@ async fn over_the_limit_forwarded_requests_are_shed_and_the_endpoints_answer() {
         StatusCode::SERVICE_UNAVAILABLE
     );
 
+    // The limit raised far above usage: the gate lets requests back in one per pace while
+    // requests were shed less than a second ago, then opens.
+    let answer = put(&mut service, "memory_limit=1TiB").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    tokio::time::timeout(DEADLINE, pressure.wait_for(|p| *p == Pressure::Ok))
+        .await
+        .expect("pressure back to Ok")
+        .unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(send(&mut service, request("GET", "/work")).await.status);
+    }
+    assert!(statuses.contains(&ECHO_STATUS), "{statuses:?}");
+    assert!(
+        statuses.contains(&StatusCode::SERVICE_UNAVAILABLE),
+        "paced, not open at once: {statuses:?}"
+    );
+    let paced = send(&mut service, request("GET", "/work")).await;
+    if paced.status == StatusCode::SERVICE_UNAVAILABLE {
+        assert!(
+            paced.text().contains("let back in one at a time"),
+            "{}",
+            paced.text()
+        );
+        statuses.push(paced.status);
+    }
+    let paced_sheds = statuses
+        .iter()
+        .filter(|&&status| status == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    // A second and more without shedding: open.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            send(&mut service, request("GET", "/work")).await.status,
+            ECHO_STATUS
+        );
+    }
+
     // The limit cleared: served again at once, pressure back to Ok.
     let answer = put(&mut service, "memory_limit=none").await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
@@ -346,7 +385,10 @@ async fn over_the_limit_forwarded_requests_are_shed_and_the_endpoints_answer() {
     assert_eq!(*pressure.borrow_and_update(), Pressure::Ok);
     let exposition = metrics(&mut service).await;
     assert_eq!(exposition.value("jemalloc_memory_unreclaimable"), Some(0.0));
-    assert_eq!(exposition.value("jemalloc_shed_requests_total"), Some(2.0));
+    assert_eq!(
+        exposition.value("jemalloc_shed_requests_total"),
+        Some((2 + paced_sheds) as f64)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -138,15 +138,20 @@ pub(crate) fn profiling_error(error: &ProfilingError) -> Answer {
 /// `Retry-After: 1` (the governor polls every few milliseconds over the limit, so usage may
 /// be back under it within a second), and the usage and limit in whole MiB.
 pub(crate) fn shed_answer(status: &crate::governor::Status) -> Answer {
-    let mib = |bytes: Option<u64>| bytes.unwrap_or(0) >> 20;
+    let (usage, limit) = (status.usage().unwrap_or(0), status.limit().unwrap_or(0));
+    let (usage_mib, limit_mib) = (usage >> 20, limit >> 20);
+    let reason = if usage > limit {
+        format!("shedding load: memory use {usage_mib} MiB is over the limit {limit_mib} MiB")
+    } else {
+        format!(
+            "shedding load: memory use {usage_mib} MiB was over the limit {limit_mib} MiB \
+             moments ago; requests are let back in one at a time"
+        )
+    };
     retry_after(
         StatusCode::SERVICE_UNAVAILABLE,
         Duration::from_secs(1),
-        format_args!(
-            "shedding load: memory use {} MiB is over the limit {} MiB",
-            mib(status.usage()),
-            mib(status.limit()),
-        ),
+        reason,
     )
 }
 

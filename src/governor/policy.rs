@@ -256,6 +256,84 @@ impl Policy {
     }
 }
 
+/// While recovering from an episode over the limit, one forwarded request is let in per this
+/// interval (when shedding is on).
+pub(crate) const RECOVERY_PACE: Duration = Duration::from_millis(50);
+/// Recovery ends once usage is under the mark and no request was shed for this long.
+pub(crate) const RECOVERY_QUIET: Duration = Duration::from_secs(1);
+
+/// What load shedding lets through, for layers that shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// Every forwarded request.
+    Open,
+    /// None: the process is over its limit.
+    Closed,
+    /// One request per [`RECOVERY_PACE`]: the process was over its limit and is not yet back
+    /// under the mark with the load gone.
+    Pacing,
+}
+
+/// Load shedding's gate. Shedding decides on usage, and usage lags admission: a request let
+/// in now faults its memory in over the next tens of milliseconds. Opening the gate the moment
+/// usage falls under the limit lets every client waiting at that moment in before any of their
+/// memory shows (measured: a 512 MiB limit peaked at 0.7–2.1 GiB). So after an episode over
+/// the limit the gate opens one request at a time, one per [`RECOVERY_PACE`], long enough for
+/// a request's memory to show before the next is let in, and opens fully only once usage is
+/// under the high-water mark and nothing was shed for [`RECOVERY_QUIET`] (the load is gone).
+/// A request arriving alone after the load is let in at once: the pace's allowance waits for
+/// it.
+#[derive(Debug, Default)]
+pub(crate) struct ShedGate {
+    recovering: bool,
+    /// When the last admission was granted.
+    granted: Option<Duration>,
+    /// Requests shed so far (every layer), and when that count last changed.
+    shed: u64,
+    shed_at: Duration,
+}
+
+impl ShedGate {
+    /// The gate after a poll that judged the process `over` its limit or not, `under_mark`
+    /// or not, with `shed` requests shed so far, at `now`; and whether to grant one admission
+    /// now.
+    pub(crate) fn step(
+        &mut self,
+        over: bool,
+        under_mark: bool,
+        shed: u64,
+        now: Duration,
+    ) -> (Gate, bool) {
+        if shed != self.shed {
+            self.shed = shed;
+            self.shed_at = now;
+        }
+        if over {
+            self.recovering = true;
+            self.granted = None;
+            return (Gate::Closed, false);
+        }
+        if !self.recovering {
+            return (Gate::Open, false);
+        }
+        if under_mark && now.saturating_sub(self.shed_at) >= RECOVERY_QUIET {
+            *self = Self {
+                shed: self.shed,
+                shed_at: self.shed_at,
+                ..Self::default()
+            };
+            return (Gate::Open, false);
+        }
+        let grant = self
+            .granted
+            .is_none_or(|granted| now.saturating_sub(granted) >= RECOVERY_PACE);
+        if grant {
+            self.granted = Some(now);
+        }
+        (Gate::Pacing, grant)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,5 +609,26 @@ mod tests {
         let step = Policy::new(MIB << 10).step(&mut Broken);
         assert_eq!(step.sleep, SLOW_POLL);
         assert_eq!(step.given_back, None);
+    }
+
+    #[test]
+    fn the_gate_closes_over_the_limit_and_reopens_one_request_at_a_time() {
+        let ms = Duration::from_millis;
+        let mut gate = ShedGate::default();
+        assert_eq!(gate.step(false, false, 0, ms(0)), (Gate::Open, false));
+        assert_eq!(gate.step(true, false, 0, ms(2)), (Gate::Closed, false));
+        // Under the limit again, above the mark: one admission now, the next a pace later.
+        assert_eq!(gate.step(false, false, 5, ms(4)), (Gate::Pacing, true));
+        assert_eq!(gate.step(false, false, 9, ms(30)), (Gate::Pacing, false));
+        assert_eq!(gate.step(false, false, 9, ms(54)), (Gate::Pacing, true));
+        // Under the mark, but requests were shed less than a second ago: still pacing.
+        assert_eq!(gate.step(false, true, 12, ms(200)), (Gate::Pacing, true));
+        assert_eq!(gate.step(false, true, 12, ms(1100)), (Gate::Pacing, true));
+        // Nothing shed for a second, under the mark: open.
+        assert_eq!(gate.step(false, true, 12, ms(1200)), (Gate::Open, false));
+        assert_eq!(gate.step(false, false, 12, ms(1300)), (Gate::Open, false));
+        // Over again: closed; the first poll under the limit grants at once.
+        assert_eq!(gate.step(true, false, 12, ms(1400)), (Gate::Closed, false));
+        assert_eq!(gate.step(false, false, 12, ms(1402)), (Gate::Pacing, true));
     }
 }

@@ -10,7 +10,7 @@
 //! Shedding is switched per layer ([`Shedding`]): each layer decides whether its forwarded
 //! requests are shed while the process is over its limit.
 
-use super::policy::{Policy, Step};
+use super::policy::{Gate, Policy, ShedGate, Step, RECOVERY_PACE};
 use super::readings::{self, Real};
 use super::{MemoryLimit, Pressure};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -43,6 +43,8 @@ pub(crate) struct Status {
     unreclaimable: AtomicBool,
     given_back: AtomicU64,
     runs: AtomicU64,
+    /// Load shedding's gate is not open (closed, or pacing after an episode over the limit).
+    gated: AtomicBool,
 }
 
 impl Status {
@@ -95,6 +97,8 @@ struct Control {
     running: bool,
     /// Every layer's shedding switch.
     sheds: Vec<Weak<dyn HoldsShedding>>,
+    /// Load shedding's gate, stepped at every poll.
+    gate: ShedGate,
 }
 
 /// What holds a layer's [`Shedding`] switch: the layer's shared state, which keeps it inline
@@ -109,8 +113,11 @@ pub(crate) trait HoldsShedding: Send + Sync {
 pub(crate) struct Shedding {
     /// Shedding is on for this layer (builder or config endpoint).
     enabled: AtomicBool,
-    /// On and the process is over its limit: forwarded requests are shed.
+    /// On and the gate is not open: forwarded requests are shed, unless one takes the
+    /// admission the gate granted ([`try_admit`](Self::try_admit)).
     active: AtomicBool,
+    /// One admission granted while the gate paces.
+    admit: AtomicBool,
     /// Requests shed so far.
     shed: AtomicU64,
 }
@@ -124,6 +131,12 @@ impl Shedding {
 
     pub(crate) fn enabled(&self) -> bool {
         self.enabled.load(Relaxed)
+    }
+
+    /// Takes the admission the gate granted, if it is still there: while recovering from an
+    /// episode over the limit, one forwarded request per pace gets through.
+    pub(crate) fn try_admit(&self) -> bool {
+        self.admit.swap(false, Relaxed)
     }
 
     /// Counts one shed request.
@@ -198,8 +211,8 @@ impl Governor {
 
     fn set_shedding_locked(&self, shedding: &Shedding, enabled: bool) {
         shedding.enabled.store(enabled, Relaxed);
-        let over = self.inner.status.pressure() == Pressure::Over;
-        shedding.active.store(enabled && over, Relaxed);
+        let gated = self.inner.status.gated.load(Relaxed);
+        shedding.active.store(enabled && gated, Relaxed);
     }
 
     /// What `asked` comes to now: bytes as given, or a percentage of the limit detected now.
@@ -277,7 +290,12 @@ impl Governor {
                 if control.running {
                     tracing::info!("memory governor: limit cleared, stopping");
                 }
-                retire(&self.inner, &mut control);
+                let holders = retire(&self.inner, &mut control);
+                drop(control);
+                // Outside the lock: a layer's last reference may go with them.
+                drop(holders);
+                self.inner.wake.notify_all();
+                return Ok(());
             }
         }
         self.inner.wake.notify_all();
@@ -290,31 +308,58 @@ impl Drop for Governor {
     fn drop(&mut self) {
         let mut control = lock(&self.inner.control);
         control.limit = None;
-        retire(&self.inner, &mut control);
+        let holders = retire(&self.inner, &mut control);
+        drop(control);
+        // Outside the lock: a layer's last reference may go with them.
+        drop(holders);
         self.inner.wake.notify_all();
     }
 }
 
+/// Every layer's shedding switch, held while it is published. The caller drops them only
+/// after releasing the control lock: the last reference to a layer may be among them, and
+/// dropping a layer drops its governor handle, which takes the lock.
+fn holders(control: &Control) -> Vec<Arc<dyn HoldsShedding>> {
+    control.sheds.iter().filter_map(Weak::upgrade).collect()
+}
+
 /// Stops the running thread (if any) and publishes "no limit": pressure ok, no shedding.
-fn retire(inner: &Inner, control: &mut Control) {
+/// Returns the layers' switches it published to, to be dropped outside the lock.
+#[must_use]
+fn retire(inner: &Inner, control: &mut Control) -> Vec<Arc<dyn HoldsShedding>> {
     control.epoch += 1;
     control.running = false;
     let status = &inner.status;
     status.limit.store(0, Relaxed);
     status.usage.store(0, Relaxed);
     status.unreclaimable.store(false, Relaxed);
-    publish_pressure(inner, control, Pressure::Ok);
+    control.gate = ShedGate::default();
+    let holders = holders(control);
+    publish_pressure(inner, &holders, Pressure::Ok, Gate::Open, false);
+    holders
 }
 
-fn publish_pressure(inner: &Inner, control: &Control, pressure: Pressure) {
+/// Publishes the pressure, and the gate to every layer's shedding switch (`grant`: one
+/// admission for each layer that sheds).
+fn publish_pressure(
+    inner: &Inner,
+    holders: &[Arc<dyn HoldsShedding>],
+    pressure: Pressure,
+    gate: Gate,
+    grant: bool,
+) {
     inner
         .status
         .pressure
         .store(pressure.as_gauge() as u8, Relaxed);
-    let over = pressure == Pressure::Over;
-    for holder in control.sheds.iter().filter_map(Weak::upgrade) {
+    let gated = gate != Gate::Open;
+    inner.status.gated.store(gated, Relaxed);
+    for holder in holders {
         let shed = holder.shedding();
-        shed.active.store(over && shed.enabled(), Relaxed);
+        if grant {
+            shed.admit.store(true, Relaxed);
+        }
+        shed.active.store(gated && shed.enabled(), Relaxed);
     }
     inner.pressure.send_if_modified(|current| {
         let changed = *current != pressure;
@@ -327,6 +372,7 @@ fn publish_pressure(inner: &Inner, control: &Control, pressure: Pressure) {
 fn run(inner: &Inner, epoch: u64) {
     let mut readings = Real::new();
     let mut policy: Option<Policy> = None;
+    let start = std::time::Instant::now();
     loop {
         let (limit, seen) = {
             let control = lock(&inner.control);
@@ -345,21 +391,45 @@ fn run(inner: &Inner, epoch: u64) {
             None => policy.insert(Policy::new(limit)),
         };
         let step = policy.step(&mut readings);
+        let under_mark = step.usage < policy.mark();
+        let mut control = lock(&inner.control);
+        if control.epoch != epoch {
+            return;
+        }
+        let holders = holders(&control);
+        let shed: u64 = holders.iter().map(|holder| holder.shedding().shed()).sum();
+        let over = step.pressure == Pressure::Over;
+        let (gate, grant) = control.gate.step(over, under_mark, shed, start.elapsed());
+        publish(inner, &holders, &step, limit, gate, grant);
+        // While the gate paces, poll at least once a pace, so that admissions keep coming.
+        let sleep = match gate {
+            Gate::Pacing => step.sleep.min(RECOVERY_PACE),
+            Gate::Open | Gate::Closed => step.sleep,
+        };
+        drop(control);
+        // Outside the lock: a layer's last reference may go with them.
+        drop(holders);
         let control = lock(&inner.control);
         if control.epoch != epoch {
             return;
         }
-        publish(inner, &control, &step, limit);
         if control.changes == seen {
             let _ = inner
                 .wake
-                .wait_timeout(control, step.sleep)
+                .wait_timeout(control, sleep)
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
 
-fn publish(inner: &Inner, control: &Control, step: &Step, limit: u64) {
+fn publish(
+    inner: &Inner,
+    holders: &[Arc<dyn HoldsShedding>],
+    step: &Step,
+    limit: u64,
+    gate: Gate,
+    grant: bool,
+) {
     let status = &inner.status;
     if step.usage != 0 {
         status.usage.store(step.usage, Relaxed);
@@ -379,5 +449,5 @@ fn publish(inner: &Inner, control: &Control, step: &Step, limit: u64) {
             limit >> 20,
         );
     }
-    publish_pressure(inner, control, step.pressure);
+    publish_pressure(inner, holders, step.pressure, gate, grant);
 }
