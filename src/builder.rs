@@ -421,10 +421,12 @@ impl JemallocLayerBuilder {
     /// the governor gave back what it could (default `false`): they get a 503 with
     /// `Retry-After: 1` and a one-line reason (`shedding load: memory use 700 MiB is over the
     /// limit 640 MiB`) instead of reaching the inner service, and count in
-    /// `jemalloc_shed_requests_total`. Serving resumes at the governor's next poll after usage
-    /// falls back under the limit. The layer's own endpoints always answer, so `/metrics` is
-    /// scraped and the debug endpoints can be used while it sheds. Only [`Pressure::Over`]
-    /// sheds; [`Pressure::Near`] never does.
+    /// `jemalloc_shed_requests_total`. Once usage is back under the limit, requests are let
+    /// back in one per 50 ms until usage is under 90 % of the limit and nothing was shed for a
+    /// second (opening at once would let every waiting client in before their memory shows);
+    /// a request arriving alone is let in at once. The layer's own endpoints always answer, so
+    /// `/metrics` is scraped and the debug endpoints can be used while it sheds. Shedding
+    /// starts only at [`Pressure::Over`]; [`Pressure::Near`] never starts it.
     ///
     /// Switched at run time with `PUT /debug/jemalloc/config?shed_requests=true|false`.
     /// Without a memory limit nothing is ever shed.
