@@ -14,9 +14,59 @@
 //!   (counters): the governor's work, for the whole process;
 //! - `jemalloc_shed_requests_total` (counter): the forwarded requests this layer shed.
 
-use crate::governor::{Governor, HoldsShedding};
-use opentelemetry::metrics::Meter;
+use crate::governor::{Governor, HoldsShedding, Status};
+use opentelemetry::metrics::{AsyncInstrument, Meter};
 use std::sync::{Arc, Weak};
+
+/// Whether an instrument is a gauge or a (monotonic) counter.
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// A reading of what the governor last published; `None`: no series.
+type Reading = fn(&Status) -> Option<u64>;
+
+/// The instruments read from the governor's status, one row each: kind, name, description,
+/// unit, reading.
+const STATUS_INSTRUMENTS: [(Kind, &str, &str, Option<&str>, Reading); 5] = [
+    (
+        Kind::Gauge,
+        "jemalloc.memory.limit",
+        "The memory limit the governor keeps the process under, when set",
+        Some("By"),
+        |status| status.limit(),
+    ),
+    (
+        Kind::Gauge,
+        "jemalloc.memory.pressure",
+        "Memory pressure: 0 ok, 1 near the limit (above the high-water mark), 2 over the \
+         limit after giving back",
+        None,
+        |status| Some(status.pressure().as_gauge()),
+    ),
+    (
+        Kind::Gauge,
+        "jemalloc.memory.unreclaimable",
+        "1 while the process is over its memory limit with nothing left to give back",
+        None,
+        |status| Some(u64::from(status.unreclaimable())),
+    ),
+    (
+        Kind::Counter,
+        "jemalloc.memory.given_back",
+        "Bytes of dirty and muzzy pages the governor gave back to the OS",
+        Some("By"),
+        |status| Some(status.given_back()),
+    ),
+    (
+        Kind::Counter,
+        "jemalloc.memory.give_back_runs",
+        "Times the governor gave pages back",
+        None,
+        |status| Some(status.runs()),
+    ),
+];
 
 /// Registers the governor's instruments on `meter`, reading `governor` and `shedding`.
 pub(crate) fn register(
@@ -27,17 +77,34 @@ pub(crate) fn register(
     // The handles are markers: the SDK keeps each callback for the provider's lifetime. The
     // callbacks hold the governor weakly, so that a provider of the user's own, which may
     // outlive the layer, does not keep the governor thread running.
-    let g = Arc::downgrade(governor);
-    let _limit = meter
-        .u64_observable_gauge("jemalloc.memory.limit")
-        .with_description("The memory limit the governor keeps the process under, when set")
-        .with_unit("By")
-        .with_callback(move |observer| {
-            if let Some(limit) = g.upgrade().and_then(|g| g.status().limit()) {
-                observer.observe(limit, &[]);
+    for (kind, name, description, unit, read) in STATUS_INSTRUMENTS {
+        let g = Arc::downgrade(governor);
+        let callback = move |observer: &dyn AsyncInstrument<u64>| {
+            if let Some(value) = g.upgrade().and_then(|g| read(g.status())) {
+                observer.observe(value, &[]);
             }
-        })
-        .build();
+        };
+        match kind {
+            Kind::Gauge => {
+                let mut builder = meter
+                    .u64_observable_gauge(name)
+                    .with_description(description);
+                if let Some(unit) = unit {
+                    builder = builder.with_unit(unit);
+                }
+                let _gauge = builder.with_callback(callback).build();
+            }
+            Kind::Counter => {
+                let mut builder = meter
+                    .u64_observable_counter(name)
+                    .with_description(description);
+                if let Some(unit) = unit {
+                    builder = builder.with_unit(unit);
+                }
+                let _counter = builder.with_callback(callback).build();
+            }
+        }
+    }
     let g = Arc::downgrade(governor);
     let _usage = meter
         .u64_observable_gauge("jemalloc.memory.usage")
@@ -53,52 +120,6 @@ pub(crate) fn register(
                 .and_then(|g| g.status().usage());
             if let Some(usage) = usage.or_else(crate::governor::usage) {
                 observer.observe(usage, &[]);
-            }
-        })
-        .build();
-    let g = Arc::downgrade(governor);
-    let _pressure = meter
-        .u64_observable_gauge("jemalloc.memory.pressure")
-        .with_description(
-            "Memory pressure: 0 ok, 1 near the limit (above the high-water mark), 2 over the \
-             limit after giving back",
-        )
-        .with_callback(move |observer| {
-            if let Some(g) = g.upgrade() {
-                observer.observe(g.status().pressure().as_gauge(), &[]);
-            }
-        })
-        .build();
-    let g = Arc::downgrade(governor);
-    let _unreclaimable = meter
-        .u64_observable_gauge("jemalloc.memory.unreclaimable")
-        .with_description(
-            "1 while the process is over its memory limit with nothing left to give back",
-        )
-        .with_callback(move |observer| {
-            if let Some(g) = g.upgrade() {
-                observer.observe(u64::from(g.status().unreclaimable()), &[]);
-            }
-        })
-        .build();
-    let g = Arc::downgrade(governor);
-    let _given_back = meter
-        .u64_observable_counter("jemalloc.memory.given_back")
-        .with_description("Bytes of dirty and muzzy pages the governor gave back to the OS")
-        .with_unit("By")
-        .with_callback(move |observer| {
-            if let Some(g) = g.upgrade() {
-                observer.observe(g.status().given_back(), &[]);
-            }
-        })
-        .build();
-    let g = Arc::downgrade(governor);
-    let _runs = meter
-        .u64_observable_counter("jemalloc.memory.give_back_runs")
-        .with_description("Times the governor gave pages back")
-        .with_callback(move |observer| {
-            if let Some(g) = g.upgrade() {
-                observer.observe(g.status().runs(), &[]);
             }
         })
         .build();
