@@ -44,16 +44,17 @@
 //! request) still answer only loopback peers and requests that carry the token. Its output
 //! never panics: piped into `head` or closed, the server keeps serving.
 
-use axum::extract::RawQuery;
+use axum::extract::{MatchedPath, RawQuery};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tower::Layer;
-use tower_jemalloc::JemallocStats;
+use tower_jemalloc::{JemallocStats, RequestAccount, RouteLayer};
 
 #[path = "common/mod.rs"]
 mod common;
@@ -82,8 +83,10 @@ async fn main() {
                  has a token (--purge-token or PURGE_TOKEN).";
     let args = common::parse_with_notes("server", 9070, common::MEMORY_FLAGS, notes);
 
+    // Bytes allocated per request, by route: `http_server_request_allocated_bytes` and
+    // `http_server_request_kept_bytes` (README, "Which requests allocate").
     let layer = args
-        .memory_flags(args.builder())
+        .memory_flags(args.builder().per_route_allocation(true))
         .and_then(|builder| builder.build().map_err(|e| e.to_string()))
         .unwrap_or_else(|e| common::fail(2, e));
     let guard = LoopbackOrToken::new(DEMO_ROUTES, args.purge_token.as_deref());
@@ -103,7 +106,14 @@ async fn main() {
             "/",
             get(|| async { "tower-jemalloc example server: try /metrics\n" }),
         )
-        .merge(demo);
+        .merge(demo)
+        // Names each request's `http.route` after the route template it matched.
+        .route_layer(RouteLayer::new(|parts| {
+            parts
+                .extensions
+                .get::<MatchedPath>()
+                .map(MatchedPath::as_str)
+        }));
     // Wrap the whole router so /metrics answers whatever the routes are.
     let app = layer.layer(router);
 
@@ -156,9 +166,11 @@ async fn main() {
 }
 
 /// `POST /demo/churn?mib=N`: allocates N MiB in 1 KiB blocks, touches them, frees them, and
-/// answers the stats before, while held, and after. One churn at a time.
+/// answers the stats before, while held, and after. One churn at a time. The work runs in
+/// `spawn_blocking`, inside the request's account, so that its bytes count for the route.
 async fn churn(
     axum::extract::State(slot): axum::extract::State<Arc<Semaphore>>,
+    account: Option<Extension<RequestAccount>>,
     RawQuery(query): RawQuery,
 ) -> Response {
     let mib = match parse_mib(query.as_deref()) {
@@ -168,8 +180,9 @@ async fn churn(
     let Ok(_permit) = slot.try_acquire() else {
         return (StatusCode::CONFLICT, "a churn is already running\n").into_response();
     };
-    // Allocating gigabytes takes a while: keep it off the async workers.
-    let result = tokio::task::spawn_blocking(move || {
+    // Allocating gigabytes takes a while: keep it off the async workers, in the request's
+    // account (the layer counts only the threads polling the request itself).
+    let work = move || {
         let before = JemallocStats::read()?;
         // black_box keeps the optimiser from eliding the allocations.
         let blocks: Vec<Box<[u8; 1024]>> = (0..mib * 1024)
@@ -187,6 +200,10 @@ async fn churn(
         Ok::<_, tower_jemalloc::JemallocError>(
             serde_json::to_string(&answer).unwrap_or_default() + "\n",
         )
+    };
+    let result = tokio::task::spawn_blocking(move || match account {
+        Some(Extension(account)) => account.in_scope(work),
+        None => work(),
     })
     .await;
     match result {

@@ -1,5 +1,7 @@
 //! [`ResponseBody`]: the inner service's body, or a response the layer answered itself.
 
+use crate::accounting::account::Recorder;
+use crate::accounting::polls::AccountedBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -24,6 +26,7 @@ pin_project! {
     enum Kind<B> {
         Inner { #[pin] body: B },
         Local { #[pin] body: Full<Bytes> },
+        Accounted { #[pin] body: AccountedBody<B> },
     }
 }
 
@@ -37,6 +40,15 @@ impl<B> ResponseBody<B> {
     pub(crate) fn local(body: Full<Bytes>) -> Self {
         Self {
             kind: Kind::Local { body },
+        }
+    }
+
+    /// A forwarded response whose request's bytes are counted until the body is dropped.
+    pub(crate) fn accounted(body: B, recorder: Recorder) -> Self {
+        Self {
+            kind: Kind::Accounted {
+                body: AccountedBody::new(body, recorder),
+            },
         }
     }
 }
@@ -54,6 +66,7 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
         let kind = match self.kind {
             Kind::Inner { .. } => "Inner",
             Kind::Local { .. } => "Local",
+            Kind::Accounted { .. } => "Accounted",
         };
         f.debug_struct("ResponseBody").field("kind", &kind).finish()
     }
@@ -73,6 +86,7 @@ where
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Local { body } => body.poll_frame(cx).map_err(|never| match never {}),
+            KindProj::Accounted { body } => body.poll_frame(cx),
         }
     }
 
@@ -80,6 +94,7 @@ where
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Local { body } => body.is_end_stream(),
+            Kind::Accounted { body } => body.is_end_stream(),
         }
     }
 
@@ -87,6 +102,7 @@ where
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
             Kind::Local { body } => body.size_hint(),
+            Kind::Accounted { body } => body.size_hint(),
         }
     }
 }

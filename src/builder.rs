@@ -9,6 +9,9 @@
 //! no per-endpoint shorthands (`purge_path`, …): one method per setting covers every
 //! endpoint, including ones added later.
 
+use crate::accounting::ledger::{Ledger, DEFAULT_MAX_ROUTES};
+use crate::accounting::route::RouteFn;
+use crate::accounting::Accounting;
 use crate::endpoint::{
     validate_token, Access, Context, Endpoint, JobTelemetry, Predicate, Route, Routes, Settings,
 };
@@ -100,6 +103,9 @@ pub struct JemallocLayerBuilder {
     memory_limit: Option<MemoryLimit>,
     shed_requests: bool,
     shed_when: Option<Predicate>,
+    per_route_allocation: bool,
+    route_from: Option<RouteFn>,
+    max_routes: usize,
 }
 
 impl Default for JemallocLayerBuilder {
@@ -124,6 +130,9 @@ impl Default for JemallocLayerBuilder {
             memory_limit: None,
             shed_requests: false,
             shed_when: None,
+            per_route_allocation: false,
+            route_from: None,
+            max_routes: DEFAULT_MAX_ROUTES,
         }
     }
 }
@@ -138,6 +147,9 @@ impl fmt::Debug for JemallocLayerBuilder {
             .field("memory_limit", &self.memory_limit)
             .field("shed_requests", &self.shed_requests)
             .field("shed_when", &self.shed_when.as_ref().map(|_| "<fn>"))
+            .field("per_route_allocation", &self.per_route_allocation)
+            .field("route_from", &self.route_from.as_ref().map(|_| "<fn>"))
+            .field("max_routes", &self.max_routes)
             .finish()
     }
 }
@@ -464,6 +476,65 @@ impl JemallocLayerBuilder {
         self
     }
 
+    /// Whether to count the bytes each forwarded request allocates, by route (default
+    /// `false`): the histogram `http.server.request.allocated` and the up-down counter
+    /// `http.server.request.kept` (bytes allocated and not freed), exported as
+    /// `http_server_request_allocated_bytes_{bucket,sum,count}` and
+    /// `http_server_request_kept_bytes`, with OpenTelemetry's HTTP attributes
+    /// `http.request.method`, `http.route` and `http.response.status_code`.
+    ///
+    /// The layer reads the polling thread's totals of bytes allocated and freed (jemalloc's
+    /// `thread.allocatedp`, two plain loads) before and after every poll of the request's
+    /// future and response body, so a request that moves between worker threads is counted
+    /// whole and nothing is paid per allocation; the request is recorded when its response
+    /// body is dropped. Work a handler moves to another thread or task counts only through
+    /// the [`RequestAccount`](crate::RequestAccount) the layer puts in the request's
+    /// extensions. Each request's `http.route` comes from [`RouteLayer`](crate::RouteLayer)
+    /// inside the application's router (axum), from [`route_from`](Self::route_from), or is
+    /// [`UNMATCHED_ROUTE`](crate::UNMATCHED_ROUTE). The stats endpoint's hints and
+    /// [`top_routes`](crate::JemallocLayer::top_routes) name the routes that allocate most.
+    ///
+    /// Needs jemalloc as the global allocator: without it (or without the `jemalloc`
+    /// feature) nothing is counted and a warning is logged once at build.
+    ///
+    /// ```
+    /// let layer = tower_jemalloc::JemallocLayer::builder()
+    ///     .per_route_allocation(true)
+    ///     .build()?;
+    /// # drop(layer);
+    /// # Ok::<(), tower_jemalloc::BuildError>(())
+    /// ```
+    pub fn per_route_allocation(mut self, enabled: bool) -> Self {
+        self.per_route_allocation = enabled;
+        self
+    }
+
+    /// Names each forwarded request's `http.route` from its head, when the application's
+    /// router cannot ([`RouteLayer`](crate::RouteLayer) does it from inside an axum router):
+    /// [`grpc_method`](crate::grpc_method) for tonic, or a function of your own returning a
+    /// route template (`None`: [`UNMATCHED_ROUTE`](crate::UNMATCHED_ROUTE)). A route named
+    /// here is recorded as unmatched when the answer is a 404 or a gRPC `Unimplemented`, so
+    /// that requests for paths the application does not serve share one value; a route set
+    /// by [`RouteLayer`](crate::RouteLayer) takes precedence. Called once per request, on
+    /// the request's path: it must be quick and must not block.
+    pub fn route_from<F>(mut self, route: F) -> Self
+    where
+        F: for<'a> Fn(&'a http::request::Parts) -> Option<&'a str> + Send + Sync + 'static,
+    {
+        self.route_from = Some(Arc::new(route));
+        self
+    }
+
+    /// The most distinct `http.route` values recorded (default
+    /// [`DEFAULT_MAX_ROUTES`](crate::DEFAULT_MAX_ROUTES), 100); routes first seen past it are
+    /// recorded as [`OTHER_ROUTE`](crate::OTHER_ROUTE). With the method and status, the
+    /// series stay bounded: at most `(max_routes + 2)` routes × 10 methods × the statuses
+    /// the application answers.
+    pub fn max_routes(mut self, max_routes: usize) -> Self {
+        self.max_routes = max_routes;
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     ///
     /// When jemalloc's statistics cannot be read in this process (it is not the global
@@ -554,11 +625,27 @@ impl JemallocLayerBuilder {
             .map_err(BuildError::MemoryLimit)?;
         let governor = Governor::process();
         let jobs = JobTelemetry::new(&meter);
+        // Counted only where jemalloc's thread counters mean something: `ctl` has logged why
+        // not, once; this says what it means here.
+        let accounting = match (self.per_route_allocation, crate::jemalloc::ctl::ctl()) {
+            (true, Ok(_)) => Some(Accounting {
+                ledger: Ledger::new(&meter, self.max_routes),
+                route_from: self.route_from,
+            }),
+            (true, Err(e)) => {
+                tracing::warn!("tower-jemalloc: {e}; bytes per route are not counted");
+                None
+            }
+            (false, _) => None,
+        };
         let layer = JemallocLayer::new_cyclic(|shared| {
             // The handlers and the telemetry reach the layer's shedding switch through its
             // shared state, weakly: the shared state holds them.
             let holder: Weak<dyn HoldsShedding> = shared.clone();
             let shedding = governor.shedding(Weak::clone(&holder), self.shed_requests);
+            if accounting.is_some() {
+                shedding.account_requests();
+            }
             // Like the jemalloc gauges, left out when jemalloc is not usable here.
             if crate::jemalloc::ctl::ctl().is_ok() {
                 crate::telemetry::governor::register(&meter, &governor, &holder);
@@ -571,6 +658,7 @@ impl JemallocLayerBuilder {
                 jobs: &jobs,
                 governor: &governor,
                 shedding: &holder,
+                ledger: accounting.as_ref().map(|a| &a.ledger),
             };
             let routes = paths
                 .into_iter()
@@ -585,6 +673,7 @@ impl JemallocLayerBuilder {
                     governor: Arc::clone(&governor),
                     shed_when: self.shed_when,
                 },
+                accounting,
             }
         });
         if let Some(limit) = limit {

@@ -1,5 +1,6 @@
 //! [`ResponseFuture`]: the inner service's future, or the layer's own answer.
 
+use crate::accounting::account::Recorder;
 use crate::body::ResponseBody;
 use crate::endpoint::Reply;
 use bytes::Bytes;
@@ -48,6 +49,10 @@ pin_project! {
 enum Other<T> {
     /// A forwarded request waiting for the inner service's readiness.
     Waiting(Waiting<T>),
+    /// A forwarded request whose bytes are counted: the inner service's future (boxed, so
+    /// that one variant serves whether it had to wait for readiness or not), and the
+    /// request's recorder until the response hands it to the body.
+    Accounted(Waiting<T>, Option<Recorder>),
     /// The layer's own answer, ready.
     Local(Option<Response<Full<Bytes>>>),
     /// The layer's own answer, once a job reports.
@@ -66,6 +71,15 @@ impl<F: Future> ResponseFuture<F> {
         Self {
             kind: Kind::Other {
                 other: Other::Waiting(future),
+            },
+        }
+    }
+
+    /// A forwarded request whose bytes are counted.
+    pub(crate) fn accounted(future: Waiting<F::Output>, recorder: Recorder) -> Self {
+        Self {
+            kind: Kind::Other {
+                other: Other::Accounted(future, Some(recorder)),
             },
         }
     }
@@ -89,6 +103,9 @@ impl<F: Future> std::fmt::Debug for ResponseFuture<F> {
             Kind::Other {
                 other: Other::Waiting(_),
             } => "Waiting",
+            Kind::Other {
+                other: Other::Accounted(..),
+            } => "Accounted",
             Kind::Other {
                 other: Other::Local(_),
             } => "Local",
@@ -131,6 +148,19 @@ impl<B, E> Other<Result<Response<B>, E>> {
             Self::Waiting(future) => {
                 let response = ready!(future.as_mut().poll(cx))?;
                 return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+            }
+            Self::Accounted(future, recorder) => {
+                let tally = &mut recorder
+                    .as_mut()
+                    .expect("ResponseFuture polled after completion")
+                    .tally;
+                let output = ready!(tally.measure(|| future.as_mut().poll(cx)));
+                let mut recorder = recorder.take().expect("checked above");
+                // On an error the recorder drops here: recorded without a status.
+                let response = output?;
+                recorder.respond(response.status(), response.headers());
+                let response = response.map(|body| ResponseBody::accounted(body, recorder));
+                return Poll::Ready(Ok(response));
             }
             Self::Local(response) => response
                 .take()

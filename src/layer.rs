@@ -68,6 +68,17 @@ impl JemallocLayer {
         }
     }
 
+    /// The `n` routes whose requests allocated the most since the layer was built (per method,
+    /// over every status), with what they kept; empty unless the layer counts bytes per route
+    /// ([`per_route_allocation`](crate::JemallocLayerBuilder::per_route_allocation)).
+    pub fn top_routes(&self, n: usize) -> Vec<crate::RouteFigures> {
+        self.shared
+            .accounting
+            .as_ref()
+            .map(|accounting| accounting.ledger.top_routes(n))
+            .unwrap_or_default()
+    }
+
     /// The memory pressure as the governor judges it, to react to: [`Pressure::Ok`] under
     /// the high-water mark (90 % of the limit), [`Pressure::Near`] above it while the
     /// governor gives cached pages back, [`Pressure::Over`] above the limit after giving back

@@ -223,6 +223,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 // The tower plumbing: a request's path through the layer.
+mod accounting;
 mod body;
 mod builder;
 mod future;
@@ -241,6 +242,10 @@ mod jemalloc;
 mod system;
 mod telemetry;
 
+pub use accounting::{
+    grpc_method, Instrumented, RequestAccount, RouteFigures, RouteLayer, RouteService,
+    DEFAULT_MAX_ROUTES, OTHER_ROUTE, UNMATCHED_ROUTE,
+};
 pub use body::ResponseBody;
 pub use builder::{BuildError, JemallocLayerBuilder};
 pub use endpoint::{

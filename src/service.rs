@@ -1,10 +1,13 @@
 //! [`JemallocService`]: the service [`JemallocLayer`](crate::JemallocLayer) produces.
 
+use crate::accounting::account::{Recorder, Tally};
+use crate::accounting::Accounting;
 use crate::endpoint::{
     discard, shed_answer, Endpoint, Predicate, Reply, Routes, MAX_DISCARDED_BODY,
 };
 use crate::future::ResponseFuture;
 use crate::governor::{Governor, HoldsShedding, Shedding};
+use crate::jemalloc::thread::ThreadTotals;
 use http::{Request, Response};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
@@ -76,6 +79,9 @@ pub(crate) struct Shared {
     /// from the pointer to this struct, which it has already loaded to match the path.
     pub(crate) shedding: Shedding,
     pub(crate) guard: Guard,
+    /// Bytes per request, when the layer counts them (its shedding switch's detour flag is
+    /// then set, so that forwarded requests come this way).
+    pub(crate) accounting: Option<Accounting>,
 }
 
 impl HoldsShedding for Shared {
@@ -129,35 +135,53 @@ impl<S> JemallocService<S> {
 }
 
 impl<S> JemallocService<S> {
-    /// A forwarded request while this layer sheds: the 503, or, when the layer's `shed_when`
-    /// spares the request, the usual forwarding. Out of line, so that the direct path keeps
-    /// only the flag's test.
+    /// A forwarded request while this layer sheds or counts bytes per request: the 503 when
+    /// it sheds and `shed_when` does not spare the request, otherwise the forwarding, counted
+    /// or not. Out of line, so that the direct path keeps only the flag's test.
     #[cold]
     #[inline(never)]
-    fn call_while_shedding<ReqBody, ResBody>(
-        &mut self,
-        req: Request<ReqBody>,
-    ) -> ResponseFuture<S::Future>
+    fn call_detour<ReqBody, ResBody>(&mut self, req: Request<ReqBody>) -> ResponseFuture<S::Future>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
         S::Future: Send + 'static,
         ReqBody: Send + 'static,
     {
-        let (parts, body) = req.into_parts();
-        let shed = match &self.shared.guard.shed_when {
-            Some(shed_when) => shed_when(&parts),
-            None => true,
-        };
-        if shed && !self.shared.shedding.try_admit() {
-            self.shared.shedding.count();
-            let status = self.shared.guard.governor.status();
-            return ResponseFuture::reply(Reply::Now(shed_answer(status)));
+        let (mut parts, body) = req.into_parts();
+        if self.shared.shedding.active() {
+            let shed = match &self.shared.guard.shed_when {
+                Some(shed_when) => shed_when(&parts),
+                None => true,
+            };
+            if shed && !self.shared.shedding.try_admit() {
+                self.shared.shedding.count();
+                let status = self.shared.guard.governor.status();
+                return ResponseFuture::reply(Reply::Now(shed_answer(status)));
+            }
         }
+        let Some(accounting) = &self.shared.accounting else {
+            let req = Request::from_parts(parts, body);
+            if std::mem::take(&mut self.inner_ready) {
+                return ResponseFuture::inner(self.inner.call(req));
+            }
+            return ResponseFuture::waiting(self.wait_for_inner(req));
+        };
+        let (account, method) = accounting.open(&parts);
+        // From here on the request's bytes count: the extensions the handler drops, and
+        // what the inner service's `call` does. The account itself is freed after the request
+        // is recorded, and the boxes below when the server drops the future: neither counts.
+        let before = ThreadTotals::now();
+        let mut tally = Tally::default();
+        parts.extensions.insert(account.clone());
         let req = Request::from_parts(parts, body);
         if std::mem::take(&mut self.inner_ready) {
-            return ResponseFuture::inner(self.inner.call(req));
+            let future = self.inner.call(req);
+            tally.add_since(before);
+            let recorder = Recorder::new(account, method, tally);
+            return ResponseFuture::accounted(Box::pin(future), recorder);
         }
-        ResponseFuture::waiting(self.wait_for_inner(req))
+        tally.add_since(before);
+        let recorder = Recorder::new(account, method, tally);
+        ResponseFuture::accounted(self.wait_for_inner(req), recorder)
     }
 
     /// The answer to a forwarded request that arrived while the inner service was not ready:
@@ -225,11 +249,12 @@ where
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some(index) = self.shared.routes.find(req.uri().path()) else {
-            // One load and a branch while not shedding: the flag sits in the shared state this
-            // call has already loaded, and the governor sets it only while this layer sheds
-            // and the process is over its limit. Everything else is out of line.
-            if self.shared.shedding.active() {
-                return self.call_while_shedding(req);
+            // One load and a branch while not shedding and not counting bytes: the flags sit
+            // in the shared state this call has already loaded, the governor sets one only
+            // while this layer sheds and the process is over its limit, and the builder the
+            // other. Everything else is out of line.
+            if self.shared.shedding.detour() {
+                return self.call_detour(req);
             }
             if std::mem::take(&mut self.inner_ready) {
                 return ResponseFuture::inner(self.inner.call(req));

@@ -57,6 +57,8 @@ pub(crate) struct Context<'a> {
     /// The process's memory governor, and this layer's shedding switch.
     pub(crate) governor: &'a std::sync::Arc<crate::governor::Governor>,
     pub(crate) shedding: &'a std::sync::Weak<dyn crate::governor::HoldsShedding>,
+    /// Bytes per route, when the layer counts them.
+    pub(crate) ledger: Option<&'a std::sync::Arc<crate::accounting::ledger::Ledger>>,
 }
 
 impl Context<'_> {

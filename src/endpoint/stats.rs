@@ -32,6 +32,8 @@ use super::job::{Flight, Job, JobKind};
 use super::query::Query;
 use super::rate::Rate;
 use super::response::{self, Answer};
+use crate::accounting::ledger::Ledger;
+use crate::accounting::route_hints;
 use crate::governor::{Governor, HoldsShedding};
 use crate::jemalloc::ctl::{Ctl, PrintOptions};
 use crate::jemalloc::dump::dump;
@@ -60,6 +62,8 @@ pub(crate) struct Stats {
     governor: Arc<Governor>,
     /// The layer's shared state, which holds its shedding switch (weak: it holds this).
     shedding: std::sync::Weak<dyn HoldsShedding>,
+    /// Bytes per route, for the hints naming the routes that allocate most.
+    ledger: Option<Arc<Ledger>>,
 }
 
 /// What a stats request asks for.
@@ -134,6 +138,7 @@ impl Handler for Stats {
             dumps,
             rate: Rate::new(context.settings.stats_rate_limit),
             governor: Arc::clone(context.governor),
+            ledger: context.ledger.cloned(),
             shedding: std::sync::Weak::clone(context.shedding),
         }
     }
@@ -190,10 +195,11 @@ impl Handler for Stats {
             .upgrade()
             .is_some_and(|h| h.shedding().active());
         let facts = governor_facts(&self.governor, shedding);
+        let route_hints = self.ledger.as_deref().map(route_hints).unwrap_or_default();
         flight.join_or_start(move || {
             dumps.add(1, &[format.attribute()]);
             let dumped = match format {
-                Format::Json => json_dump(ctl, max_bytes, facts),
+                Format::Json => json_dump(ctl, max_bytes, facts, route_hints),
                 Format::Text => text_dump(ctl, max_bytes),
             };
             dumped.unwrap_or_else(Dumped::Failed)
@@ -243,9 +249,11 @@ fn json_dump(
     ctl: &Ctl,
     max_bytes: usize,
     governor: GovernorFacts,
+    route_hints: Vec<String>,
 ) -> Result<Dumped, JemallocError> {
     let mut summary = StatsSummary::read(ctl)?;
     summary.hints.extend(governor_hints(&governor));
+    summary.hints.extend(route_hints);
     let mut options = PrintOptions {
         json: true,
         compact: false,

@@ -107,15 +107,23 @@ pub(crate) trait HoldsShedding: Send + Sync {
     fn shedding(&self) -> &Shedding;
 }
 
-/// One layer's load-shedding switch: the service reads [`active`](Self::active), one atomic
+/// [`Shedding::flags`]: forwarded requests are shed now.
+const SHED: u8 = 1;
+/// [`Shedding::flags`]: forwarded requests' bytes are counted (set once, when the layer is
+/// built).
+const ACCOUNT: u8 = 2;
+
+/// One layer's load-shedding switch: the service reads [`detour`](Self::detour), one atomic
 /// load per forwarded request.
 #[derive(Debug, Default)]
 pub(crate) struct Shedding {
     /// Shedding is on for this layer (builder or config endpoint).
     enabled: AtomicBool,
-    /// On and the gate is not open: forwarded requests are shed, unless one takes the
-    /// admission the gate granted ([`try_admit`](Self::try_admit)).
-    active: AtomicBool,
+    /// [`SHED`]: on and the gate is not open, forwarded requests are shed, unless one takes
+    /// the admission the gate granted ([`try_admit`](Self::try_admit)). [`ACCOUNT`]: the
+    /// layer counts each forwarded request's bytes. One byte for both, so that a forwarded
+    /// request tests one load to know it goes the direct way.
+    flags: AtomicU8,
     /// One admission granted while the gate paces.
     admit: AtomicBool,
     /// Requests shed so far.
@@ -123,10 +131,29 @@ pub(crate) struct Shedding {
 }
 
 impl Shedding {
-    /// Whether forwarded requests are to be shed now.
+    /// Whether a forwarded request takes the way round: it may be shed, or its bytes are
+    /// counted.
     #[inline(always)]
+    pub(crate) fn detour(&self) -> bool {
+        self.flags.load(Relaxed) != 0
+    }
+
+    /// Whether forwarded requests are to be shed now.
     pub(crate) fn active(&self) -> bool {
-        self.active.load(Relaxed)
+        self.flags.load(Relaxed) & SHED != 0
+    }
+
+    fn set_active(&self, active: bool) {
+        if active {
+            self.flags.fetch_or(SHED, Relaxed);
+        } else {
+            self.flags.fetch_and(!SHED, Relaxed);
+        }
+    }
+
+    /// Sends every forwarded request the way round, where its bytes are counted.
+    pub(crate) fn account_requests(&self) {
+        self.flags.fetch_or(ACCOUNT, Relaxed);
     }
 
     pub(crate) fn enabled(&self) -> bool {
@@ -212,7 +239,7 @@ impl Governor {
     fn set_shedding_locked(&self, shedding: &Shedding, enabled: bool) {
         shedding.enabled.store(enabled, Relaxed);
         let gated = self.inner.status.gated.load(Relaxed);
-        shedding.active.store(enabled && gated, Relaxed);
+        shedding.set_active(enabled && gated);
     }
 
     /// What `asked` comes to now: bytes as given, or a percentage of the limit detected now.
@@ -359,7 +386,7 @@ fn publish_pressure(
         if grant {
             shed.admit.store(true, Relaxed);
         }
-        shed.active.store(gated && shed.enabled(), Relaxed);
+        shed.set_active(gated && shed.enabled());
     }
     inner.pressure.send_if_modified(|current| {
         let changed = *current != pressure;

@@ -11,6 +11,7 @@
 //!   snippets that set them.
 //! - [`summary`]: jemalloc's configuration and a plain-language reading of the figures.
 //! - [`process_slot`]: work that runs one at a time in the process.
+//! - [`thread`]: the calling thread's totals of bytes allocated and freed.
 //! - [`tuning`]: background threads and decay times, read and changed at run time.
 
 pub(crate) mod ctl;
@@ -26,6 +27,7 @@ mod process_slot;
 pub(crate) mod profiling;
 pub(crate) mod purge;
 pub(crate) mod summary;
+pub(crate) mod thread;
 pub(crate) mod tuning;
 
 pub use error::JemallocError;
