@@ -24,6 +24,13 @@
 //!   subscribes to the [`Pressure`] with [`JemallocLayer::memory_pressure`], and forwarded
 //!   requests can be shed with a 503 while live memory exceeds the limit
 //!   ([`shed_requests`](JemallocLayerBuilder::shed_requests)).
+//! - Bytes allocated and kept per route, opt-in
+//!   ([`per_route_allocation`](JemallocLayerBuilder::per_route_allocation)): the polling
+//!   thread's jemalloc counters are read around every poll of a forwarded request's future and
+//!   body, and each request is recorded into `http.server.request.allocated` (a histogram) and
+//!   `http.server.request.kept` with its method, route ([`RouteLayer`] for axum,
+//!   [`grpc_method`] for tonic) and status; [`RequestAccount`] brings in work moved to other
+//!   threads.
 //! - `GET /debug/pprof/heap` and `GET|PUT /debug/jemalloc/profiling`, with the `profiling`
 //!   feature: jemalloc's heap profile as symbolized pprof (for `go tool pprof`) or an SVG
 //!   flame graph, the growth over `?seconds=N`, and switching the sampling profiler at run time
