@@ -165,7 +165,7 @@ impl<S> JemallocService<S> {
             }
             return ResponseFuture::waiting(self.wait_for_inner(req));
         };
-        let (account, method) = accounting.open(&parts);
+        let (account, method, route) = accounting.open(&parts);
         // From here on the request's bytes count: the extensions the handler drops, and
         // what the inner service's `call` does. The account itself is freed after the request
         // is recorded, and the boxes below when the server drops the future: neither counts.
@@ -176,11 +176,11 @@ impl<S> JemallocService<S> {
         if std::mem::take(&mut self.inner_ready) {
             let future = self.inner.call(req);
             tally.add_since(before);
-            let recorder = Recorder::new(account, method, tally);
+            let recorder = Recorder::new(account, method, route, tally);
             return ResponseFuture::accounted(Box::pin(future), recorder);
         }
         tally.add_since(before);
-        let recorder = Recorder::new(account, method, tally);
+        let recorder = Recorder::new(account, method, route, tally);
         ResponseFuture::accounted(self.wait_for_inner(req), recorder)
     }
 

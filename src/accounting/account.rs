@@ -49,12 +49,8 @@ impl Tally {
     }
 }
 
-/// No route set yet.
+/// No route set by [`RequestAccount::set_route`].
 const NO_ROUTE: u32 = u32::MAX;
-/// The high bit of a route set from outside the application's router (the builder's
-/// [`route_from`](crate::JemallocLayerBuilder::route_from)): such a route is kept only when
-/// the application recognised the request (see [`Recorder::respond`]).
-const PROVISIONAL: u32 = 1 << 31;
 
 /// The account of one forwarded request, while the layer counts the bytes each request
 /// allocates ([`per_route_allocation`](crate::JemallocLayerBuilder::per_route_allocation)).
@@ -128,13 +124,6 @@ impl RequestAccount {
         self.state.route.store(id, Relaxed);
     }
 
-    /// A route from the builder's `route_from`: kept only if the application answers the
-    /// request as one it knows.
-    pub(crate) fn set_provisional_route(&self, route: &str) {
-        let id = self.state.ledger.route_id(route);
-        self.state.route.store(id | PROVISIONAL, Relaxed);
-    }
-
     /// Runs `f` on the calling thread and adds what it allocates and frees to the request's
     /// bytes: for work a handler moves to `spawn_blocking` or a thread of its own.
     pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
@@ -194,40 +183,50 @@ pub(crate) struct Recorder {
     account: RequestAccount,
     method: u8,
     status: u16,
+    /// The route the builder's `route_from` named, kept only if the application answers the
+    /// request as one it knows (see [`respond`](Self::respond)). Not a route id yet: a name
+    /// counts against the cap on routes only once such an answer confirms it.
+    provisional: Option<Box<str>>,
     /// The readings when the response body's drop started: what dropping it frees counts.
     dropping: Option<ThreadTotals>,
 }
 
 impl Recorder {
-    pub(crate) fn new(account: RequestAccount, method: u8, tally: Tally) -> Self {
+    pub(crate) fn new(
+        account: RequestAccount,
+        method: u8,
+        provisional: Option<Box<str>>,
+        tally: Tally,
+    ) -> Self {
         Self {
             tally,
             account,
             method,
             status: 0,
+            provisional,
             dropping: None,
         }
     }
 
     /// The response arrived: its status, and whether the application knew the request. A
-    /// route from outside the application's router (`route_from`) folds into
-    /// [`UNMATCHED_ROUTE`](crate::UNMATCHED_ROUTE) when the answer is a 404, or a gRPC
-    /// `Unimplemented` (tonic's answer to a method it does not serve), so that unknown paths
-    /// cannot use up the cap on routes.
+    /// route from outside the application's router (`route_from`) becomes the request's
+    /// route only when the answer is neither a 404 nor a gRPC `Unimplemented` (tonic's answer
+    /// to a method it does not serve), so that requests for unknown paths share
+    /// [`UNMATCHED_ROUTE`](crate::UNMATCHED_ROUTE) and cannot use up the cap on routes. A
+    /// route set inside the router ([`RequestAccount::set_route`]) wins.
     pub(crate) fn respond(&mut self, status: StatusCode, headers: &http::HeaderMap) {
         self.status = status.as_u16();
-        let route = self.account.state.route.load(Relaxed);
-        if route != NO_ROUTE && route & PROVISIONAL != 0 {
-            let unknown = status == StatusCode::NOT_FOUND
-                || headers
-                    .get("grpc-status")
-                    .is_some_and(|code| code.as_bytes() == b"12");
-            let route = if unknown {
-                UNMATCHED
-            } else {
-                route & !PROVISIONAL
-            };
-            self.account.state.route.store(route, Relaxed);
+        let Some(provisional) = self.provisional.take() else {
+            return;
+        };
+        let state = &self.account.state;
+        let unknown = status == StatusCode::NOT_FOUND
+            || headers
+                .get("grpc-status")
+                .is_some_and(|code| code.as_bytes() == b"12");
+        if !unknown && state.route.load(Relaxed) == NO_ROUTE {
+            let id = state.ledger.route_id(&provisional);
+            state.route.store(id, Relaxed);
         }
     }
 
@@ -243,9 +242,12 @@ impl Drop for Recorder {
             self.tally.add_since(before);
         }
         let state = &self.account.state;
-        let route = match state.route.load(Relaxed) {
-            NO_ROUTE => UNMATCHED,
-            route => route & !PROVISIONAL,
+        // Without an answer (the service failed, or the request went away), a route named by
+        // `route_from` counts only if the ledger knows it already.
+        let route = match (state.route.load(Relaxed), &self.provisional) {
+            (NO_ROUTE, Some(name)) => state.ledger.known_route_id(name).unwrap_or(UNMATCHED),
+            (NO_ROUTE, None) => UNMATCHED,
+            (route, _) => route,
         };
         let key = SeriesKey {
             route,

@@ -158,8 +158,15 @@ impl Ledger {
     /// The id of route `name`: its own while fewer than `max_routes` routes are known,
     /// [`OTHER_ROUTE`]'s after.
     pub(crate) fn route_id(&self, name: &str) -> u32 {
-        if let Some(&id) = self.read().ids.get(name) {
-            return id;
+        {
+            let book = self.read();
+            if let Some(&id) = book.ids.get(name) {
+                return id;
+            }
+            // Full: no write lock for each new name past the cap.
+            if book.names.len() - 2 >= self.max_routes {
+                return OTHER;
+            }
         }
         let mut book = self.write();
         if let Some(&id) = book.ids.get(name) {
@@ -173,6 +180,11 @@ impl Ledger {
         book.names.push(name.into());
         book.ids.insert(name.into(), id);
         id
+    }
+
+    /// The id of route `name` if it is known already.
+    pub(crate) fn known_route_id(&self, name: &str) -> Option<u32> {
+        self.read().ids.get(name).copied()
     }
 
     /// Records one request: `allocated` into the histogram, `allocated - freed` into the

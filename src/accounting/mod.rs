@@ -57,14 +57,16 @@ impl std::fmt::Debug for Accounting {
 }
 
 impl Accounting {
-    /// Opens a request's account: puts a [`RequestAccount`] in its extensions and names its
-    /// route if `route_from` can. Returns the account and the request's method.
-    pub(crate) fn open(&self, parts: &Parts) -> (RequestAccount, u8) {
+    /// Opens a request's account. Returns it, the request's method, and the route
+    /// `route_from` names, if any (confirmed by the answer: [`account::Recorder::respond`]).
+    pub(crate) fn open(&self, parts: &Parts) -> (RequestAccount, u8, Option<Box<str>>) {
         let account = RequestAccount::new(Arc::clone(&self.ledger));
-        if let Some(route) = self.route_from.as_ref().and_then(|route| route(parts)) {
-            account.set_provisional_route(route);
-        }
-        (account, method_index(&parts.method))
+        let route = self
+            .route_from
+            .as_ref()
+            .and_then(|route| route(parts))
+            .map(Box::from);
+        (account, method_index(&parts.method), route)
     }
 }
 
