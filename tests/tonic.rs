@@ -40,6 +40,11 @@ async fn start() -> Running {
         .purge_cooldown(Duration::ZERO)
         .build()
         .unwrap();
+    start_with(layer).await
+}
+
+/// Starts the health service behind `layer` on 127.0.0.1, an ephemeral port.
+async fn start_with(layer: JemallocLayer) -> Running {
     let (_reporter, health_service) = tonic_health::server::health_reporter();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -163,4 +168,67 @@ async fn shutdown_signal_stops_the_server() {
         tokio::net::TcpStream::connect(server.addr).await.is_err(),
         "the listener is closed"
     );
+}
+
+/// Bytes per gRPC method: the method path is the route, and a method the server does not
+/// serve (tonic answers `grpc-status: 12`) shares the unmatched value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_methods_are_the_routes_of_bytes_per_request() {
+    let layer = JemallocLayer::builder()
+        .per_route_allocation(true)
+        .route_from(tower_jemalloc::grpc_method)
+        .build()
+        .unwrap();
+    let server = start_with(layer.clone()).await;
+    let mut client = health_client(server.addr);
+    for _ in 0..3 {
+        let check = HealthCheckRequest {
+            service: String::new(),
+        };
+        tokio::time::timeout(TIMEOUT, client.check(check))
+            .await
+            .expect("health check answered in time")
+            .expect("health check succeeds");
+    }
+    // A method no service has: an empty gRPC message to a made-up path.
+    let unknown = http::Request::post(format!("http://{}/no.Such/Method", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+            0, 0, 0, 0, 0,
+        ])))
+        .unwrap();
+    let (_, answer) = common::client::fetch_request(&http2(), unknown).await;
+    assert_eq!(answer.header("grpc-status"), Some("12"));
+
+    let mut routes = Vec::new();
+    for _ in 0..500 {
+        routes = layer.top_routes(10);
+        if routes.iter().map(|r| r.requests).sum::<u64>() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut seen: Vec<(String, String, u64)> = routes
+        .into_iter()
+        .map(|r| (r.method, r.route, r.requests))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (
+                "POST".to_owned(),
+                tower_jemalloc::UNMATCHED_ROUTE.to_owned(),
+                1
+            ),
+            (
+                "POST".to_owned(),
+                "/grpc.health.v1.Health/Check".to_owned(),
+                3
+            ),
+        ]
+    );
+    let _ = server.stop.send(());
+    let _ = server.served.await;
 }
