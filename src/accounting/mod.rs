@@ -22,6 +22,9 @@
 //!   count on one side only, and mostly cancel (a few hundred bytes either way). The response
 //!   body's data frames are counted as freed when handed to the server, when nothing else
 //!   shares them.
+//! - A request body's data is allocated by the server as it reads it and freed by the handler:
+//!   routes that take large bodies show bytes kept below zero by about their size (wrapping
+//!   the request body would change the type the inner service receives).
 //! - Work on other threads or tasks counts only through [`RequestAccount::in_scope`] and
 //!   [`RequestAccount::instrument`], and only until the request is recorded.
 //! - Memory freed by a later request (a cache filled by one request and emptied by another)
