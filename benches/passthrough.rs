@@ -19,10 +19,34 @@
 //!
 //! Each run makes [`COUNTED_CALLS`] calls inside `calls_in_a_row`; the difference of the two
 //! `Collected` totals divided by that is the instructions the layer adds per forwarded call.
+//! The responses are kept, and dropped after the counted part, so their bodies are never
+//! polled.
+//!
+//! Bytes per request (`per_route_allocation`) are recorded when a response's body drops, and
+//! each poll of the body is counted, so their cost is measured on whole requests instead:
+//! `requests_in_a_row` calls, polls the response's body to its end and drops the response,
+//! [`COUNTED_CALLS`] times, inside the counted part. The inner service's body yields
+//! `PASSTHROUGH_FRAMES` data frames (default 1), so a request's body is polled that many times
+//! plus one:
+//!
+//! ```sh
+//! PASSTHROUGH_COUNT=requests-without valgrind --tool=callgrind --toggle-collect='*requests_in_a_row*' <binary>
+//! PASSTHROUGH_COUNT=requests-with    valgrind --tool=callgrind --toggle-collect='*requests_in_a_row*' <binary>
+//! PASSTHROUGH_COUNT=accounting       valgrind --tool=callgrind --toggle-collect='*requests_in_a_row*' <binary>
+//! PASSTHROUGH_COUNT=accounting PASSTHROUGH_FRAMES=64 valgrind --tool=callgrind --toggle-collect='*requests_in_a_row*' <binary>
+//! ```
+//!
+//! (`requests-with`: the layer as built by default, bytes per request off; `accounting`: the
+//! same with `per_route_allocation(true)`, requests unmatched; `accounting-routed`: the same
+//! with `route_from` naming every request's route.) `accounting` minus `requests-with`,
+//! divided by [`COUNTED_CALLS`], is what counting a request's bytes adds to it, the record
+//! included; the same difference at two frame counts, divided by the difference in polls, is
+//! what it adds to one poll of the body.
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion};
 use http::{Request, Response};
+use http_body::{Body, Frame};
 use http_body_util::Full;
 use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
@@ -82,6 +106,51 @@ impl Service<Request<Full<Bytes>>> for Answer {
     }
 }
 
+/// An inner service that answers at once with a body of `frames` static data frames (no
+/// allocation, so that the bodies' polls cost the same whatever counts them).
+#[derive(Clone, Copy)]
+struct Chunked {
+    frames: usize,
+}
+
+/// The body of [`Chunked`]'s responses.
+struct Chunks {
+    left: usize,
+}
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    #[inline(never)]
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        self.left -= 1;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"chunk")))))
+    }
+}
+
+impl Service<Request<Full<Bytes>>> for Chunked {
+    type Response = Response<Chunks>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline(never)]
+    fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+        drop(request);
+        ready(Ok(Response::new(Chunks { left: self.frames })))
+    }
+}
+
 fn passthrough(c: &mut Criterion) {
     let mut bare = Answer;
     let mut layered = JemallocLayer::builder().build().unwrap().layer(Answer);
@@ -120,7 +189,73 @@ fn calls_in_a_row<S>(
     }
 }
 
+/// The counted part of a whole-request run: `requests.len()` calls, each response's body
+/// polled to its end and the response dropped, so that what happens when a body ends and
+/// drops is counted too.
+#[inline(never)]
+fn requests_in_a_row<S, B>(service: &mut S, requests: Vec<Request<Full<Bytes>>>)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    for request in requests {
+        let response = call_once(service, black_box(request));
+        let mut body = pin!(response.into_body());
+        loop {
+            match body.as_mut().poll_frame(&mut cx) {
+                Poll::Ready(Some(frame)) => drop(black_box(frame.unwrap())),
+                Poll::Ready(None) => break,
+                Poll::Pending => unreachable!("the body is always ready"),
+            }
+        }
+    }
+}
+
+fn count_requests(mode: &str) {
+    fn run<S, B>(mut service: S)
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+        S::Error: std::fmt::Debug,
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let requests: Vec<_> = (0..COUNTED_CALLS).map(|_| request()).collect();
+        requests_in_a_row(&mut service, requests);
+    }
+    let frames = std::env::var("PASSTHROUGH_FRAMES")
+        .map(|n| n.parse().expect("PASSTHROUGH_FRAMES is a number of frames"))
+        .unwrap_or(1);
+    let inner = Chunked { frames };
+    let builder = JemallocLayer::builder;
+    match mode {
+        "requests-without" => run(inner),
+        "requests-with" => run(builder().build().unwrap().layer(inner)),
+        "accounting" => run(builder()
+            .per_route_allocation(true)
+            .build()
+            .unwrap()
+            .layer(inner)),
+        "accounting-routed" => run(builder()
+            .per_route_allocation(true)
+            .route_from(|_| Some("/api/v1/items"))
+            .build()
+            .unwrap()
+            .layer(inner)),
+        _ => unreachable!("checked by the caller"),
+    }
+    println!("{COUNTED_CALLS} requests ({mode}), {frames} frames each");
+}
+
 fn count(mode: &str) {
+    if matches!(
+        mode,
+        "requests-without" | "requests-with" | "accounting" | "accounting-routed"
+    ) {
+        return count_requests(mode);
+    }
     fn run<S>(mut service: S)
     where
         S: Service<Request<Full<Bytes>>>,
@@ -142,7 +277,10 @@ fn count(mode: &str) {
             .build()
             .unwrap()
             .layer(Answer)),
-        other => panic!("PASSTHROUGH_COUNT is `with`, `without` or `governor`, not `{other}`"),
+        other => panic!(
+            "PASSTHROUGH_COUNT is `with`, `without`, `governor`, `requests-without`, \
+             `requests-with`, `accounting` or `accounting-routed`, not `{other}`"
+        ),
     }
     println!("{COUNTED_CALLS} calls {mode} the layer");
 }

@@ -3,6 +3,7 @@
 use crate::accounting::account::Recorder;
 use crate::body::ResponseBody;
 use crate::endpoint::Reply;
+use crate::jemalloc::thread::ThreadTotals;
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
@@ -49,10 +50,10 @@ pin_project! {
 enum Other<T> {
     /// A forwarded request waiting for the inner service's readiness.
     Waiting(Waiting<T>),
-    /// A forwarded request whose bytes are counted: the inner service's future (boxed, so
-    /// that one variant serves whether it had to wait for readiness or not), and the
-    /// request's recorder until the response hands it to the body.
-    Accounted(Waiting<T>, Option<Recorder>),
+    /// A forwarded request whose bytes are counted: the inner service's future (whether it
+    /// had to wait for readiness or not) and the request's recorder, in one box (see
+    /// [`Accounted`]).
+    Accounted(Pin<Box<dyn Future<Output = (T, Recorder)> + Send>>),
     /// The layer's own answer, ready.
     Local(Option<Response<Full<Bytes>>>),
     /// The layer's own answer, once a job reports.
@@ -76,10 +77,17 @@ impl<F: Future> ResponseFuture<F> {
     }
 
     /// A forwarded request whose bytes are counted.
-    pub(crate) fn accounted(future: Waiting<F::Output>, recorder: Recorder) -> Self {
+    pub(crate) fn accounted<G>(future: G, recorder: Recorder) -> Self
+    where
+        G: Future<Output = F::Output> + Send + 'static,
+    {
+        let accounted = Accounted {
+            future,
+            recorder: Some(recorder),
+        };
         Self {
             kind: Kind::Other {
-                other: Other::Accounted(future, Some(recorder)),
+                other: Other::Accounted(Box::pin(accounted)),
             },
         }
     }
@@ -140,6 +148,39 @@ where
     }
 }
 
+pin_project! {
+    /// A forwarded request whose bytes are counted: the inner service's future, each poll
+    /// read between two readings of the thread's totals, and the request's recorder, which
+    /// it hands over with the output. Boxed with its future, so that dropping a
+    /// [`ResponseFuture`] drops one box whichever variant it holds: with the recorder beside
+    /// the box, the drop of every response future, forwarded ones included, saved and restored
+    /// one more register (4 instructions a call).
+    struct Accounted<F> {
+        #[pin]
+        future: F,
+        recorder: Option<Recorder>,
+    }
+}
+
+impl<F: Future> Future for Accounted<F> {
+    type Output = (F::Output, Recorder);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let tally = &mut this
+            .recorder
+            .as_mut()
+            .expect("ResponseFuture polled after completion")
+            .tally;
+        let before = ThreadTotals::now();
+        let poll = this.future.poll(cx);
+        tally.add_since(before);
+        let output = ready!(poll);
+        let recorder = this.recorder.take().expect("checked above");
+        Poll::Ready((output, recorder))
+    }
+}
+
 impl<B, E> Other<Result<Response<B>, E>> {
     /// Out of line, so that the direct path above stays as short as it can be.
     #[inline(never)]
@@ -149,13 +190,8 @@ impl<B, E> Other<Result<Response<B>, E>> {
                 let response = ready!(future.as_mut().poll(cx))?;
                 return Poll::Ready(Ok(response.map(ResponseBody::inner)));
             }
-            Self::Accounted(future, recorder) => {
-                let tally = &mut recorder
-                    .as_mut()
-                    .expect("ResponseFuture polled after completion")
-                    .tally;
-                let output = ready!(tally.measure(|| future.as_mut().poll(cx)));
-                let mut recorder = recorder.take().expect("checked above");
+            Self::Accounted(future) => {
+                let (output, mut recorder) = ready!(future.as_mut().poll(cx));
                 // On an error the recorder drops here: recorded without a status.
                 let response = output?;
                 recorder.respond(response.status(), response.headers());

@@ -11,6 +11,7 @@ use crate::jemalloc::thread::ThreadTotals;
 use http::{Request, Response};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::Service;
@@ -177,11 +178,11 @@ impl<S> JemallocService<S> {
             let future = self.inner.call(req);
             tally.add_since(before);
             let recorder = Recorder::new(account, method, route, tally);
-            return ResponseFuture::accounted(Box::pin(future), recorder);
+            return ResponseFuture::accounted(future, recorder);
         }
         tally.add_since(before);
         let recorder = Recorder::new(account, method, route, tally);
-        ResponseFuture::accounted(self.wait_for_inner(req), recorder)
+        ResponseFuture::accounted(self.inner_when_ready(req), recorder)
     }
 
     /// The answer to a forwarded request that arrived while the inner service was not ready:
@@ -198,12 +199,26 @@ impl<S> JemallocService<S> {
         S::Future: Send + 'static,
         ReqBody: Send + 'static,
     {
+        Box::pin(self.inner_when_ready(req))
+    }
+
+    /// [`wait_for_inner`](Self::wait_for_inner)'s future, unboxed: a counted request boxes
+    /// it with its recorder.
+    fn inner_when_ready<ReqBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> impl Future<Output = Result<S::Response, S::Error>> + Send + 'static
+    where
+        S: Service<Request<ReqBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Send + 'static,
+    {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        async move {
             std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
             inner.call(req).await
-        })
+        }
     }
 }
 

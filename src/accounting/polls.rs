@@ -2,6 +2,7 @@
 //! [`ResponseFuture`](crate::ResponseFuture) itself).
 
 use super::account::Recorder;
+use crate::jemalloc::thread::ThreadTotals;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -44,7 +45,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
-        let poll = this.recorder.tally.measure(|| this.body.poll_frame(cx));
+        let before = ThreadTotals::now();
+        let poll = this.body.poll_frame(cx);
+        this.recorder.tally.add_since(before);
         if let Poll::Ready(Some(Ok(frame))) = &poll {
             // Data the server frees after writing it, outside any poll: counted as freed now,
             // when this body is its only owner (shared or static bytes are not freed then).

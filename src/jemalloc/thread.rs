@@ -29,43 +29,40 @@ mod imp {
     use std::cell::Cell;
     use tikv_jemalloc_ctl::thread::{allocatedp, deallocatedp, ThreadLocal};
 
-    /// This thread's pointers into jemalloc's per-thread state.
-    #[derive(Clone, Copy)]
-    enum Pointers {
-        /// Not asked for yet on this thread.
-        Unread,
-        Read {
-            allocated: ThreadLocal<u64>,
-            freed: ThreadLocal<u64>,
-        },
-        /// The mallctls failed on this thread: zeros, without asking again.
-        Failed,
-    }
-
     thread_local! {
         // `const` and without `Drop`: an access is one load relative to the thread pointer,
-        // with no lazy registration.
-        static POINTERS: Cell<Pointers> = const { Cell::new(Pointers::Unread) };
+        // with no lazy registration. Both pointers are set together, by the first reading.
+        static POINTERS: Cell<Option<(ThreadLocal<u64>, ThreadLocal<u64>)>> = const { Cell::new(None) };
+        /// The mallctls failed on this thread: zeros, without asking again.
+        static FAILED: Cell<bool> = const { Cell::new(false) };
     }
 
     #[inline(always)]
     pub(super) fn now() -> ThreadTotals {
-        match POINTERS.with(Cell::get) {
-            Pointers::Read { allocated, freed } => ThreadTotals {
+        POINTERS.with(|pointers| match pointers.get() {
+            Some((allocated, freed)) => ThreadTotals {
                 allocated: allocated.get(),
                 freed: freed.get(),
             },
-            Pointers::Unread => first_reading(),
-            Pointers::Failed => ThreadTotals::default(),
+            None => not_read(),
+        })
+    }
+
+    /// A reading on a thread whose pointers are not read: zeros where the mallctls failed,
+    /// the first reading otherwise.
+    #[cold]
+    #[inline(never)]
+    fn not_read() -> ThreadTotals {
+        if FAILED.with(Cell::get) {
+            return ThreadTotals::default();
         }
+        first_reading()
     }
 
     /// The first reading on a thread: asks jemalloc for the pointers, then reads through them.
-    #[cold]
-    #[inline(never)]
     fn first_reading() -> ThreadTotals {
-        let pointers = match (allocatedp::read(), deallocatedp::read()) {
-            (Ok(allocated), Ok(freed)) => Pointers::Read { allocated, freed },
+        let (allocated, freed) = match (allocatedp::read(), deallocatedp::read()) {
+            (Ok(allocated), Ok(freed)) => (allocated, freed),
             (Err(e), _) | (_, Err(e)) => {
                 static LOGGED: std::sync::Once = std::sync::Once::new();
                 LOGGED.call_once(|| {
@@ -74,16 +71,14 @@ mod imp {
                          bytes allocated per request are counted as zero"
                     );
                 });
-                Pointers::Failed
+                FAILED.with(|failed| failed.set(true));
+                return ThreadTotals::default();
             }
         };
-        POINTERS.with(|cell| cell.set(pointers));
-        match pointers {
-            Pointers::Read { allocated, freed } => ThreadTotals {
-                allocated: allocated.get(),
-                freed: freed.get(),
-            },
-            _ => ThreadTotals::default(),
+        POINTERS.with(|cell| cell.set(Some((allocated, freed))));
+        ThreadTotals {
+            allocated: allocated.get(),
+            freed: freed.get(),
         }
     }
 }
