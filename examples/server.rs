@@ -48,7 +48,6 @@ use axum::extract::{MatchedPath, RawQuery};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Extension;
 use axum::Router;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -170,7 +169,6 @@ async fn main() {
 /// `spawn_blocking`, inside the request's account, so that its bytes count for the route.
 async fn churn(
     axum::extract::State(slot): axum::extract::State<Arc<Semaphore>>,
-    account: Option<Extension<RequestAccount>>,
     RawQuery(query): RawQuery,
 ) -> Response {
     let mib = match parse_mib(query.as_deref()) {
@@ -182,6 +180,7 @@ async fn churn(
     };
     // Allocating gigabytes takes a while: keep it off the async workers, in the request's
     // account (the layer counts only the threads polling the request itself).
+    let account = RequestAccount::current();
     let work = move || {
         let before = JemallocStats::read()?;
         // black_box keeps the optimiser from eliding the allocations.
@@ -202,7 +201,7 @@ async fn churn(
         )
     };
     let result = tokio::task::spawn_blocking(move || match account {
-        Some(Extension(account)) => account.in_scope(work),
+        Some(account) => account.in_scope(work),
         None => work(),
     })
     .await;

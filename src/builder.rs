@@ -488,8 +488,8 @@ impl JemallocLayerBuilder {
     /// future and response body, so a request that moves between worker threads is counted
     /// whole and nothing is paid per allocation; the request is recorded when its response
     /// body is dropped. Work a handler moves to another thread or task counts only through
-    /// the [`RequestAccount`](crate::RequestAccount) the layer puts in the request's
-    /// extensions. Each request's `http.route` comes from [`RouteLayer`](crate::RouteLayer)
+    /// the request's [`RequestAccount`](crate::RequestAccount)
+    /// ([`RequestAccount::current`](crate::RequestAccount::current) in the handler). Each request's `http.route` comes from [`RouteLayer`](crate::RouteLayer)
     /// inside the application's router (axum), from [`route_from`](Self::route_from), or is
     /// [`UNMATCHED_ROUTE`](crate::UNMATCHED_ROUTE). The stats endpoint's hints and
     /// [`top_routes`](crate::JemallocLayer::top_routes) name the routes that allocate most.

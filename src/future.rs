@@ -167,14 +167,16 @@ impl<F: Future> Future for Accounted<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let tally = &mut this
+        let recorder = this
             .recorder
             .as_mut()
-            .expect("ResponseFuture polled after completion")
-            .tally;
+            .expect("ResponseFuture polled after completion");
+        // The handler finds its account through the thread: RequestAccount::current.
+        let entered = recorder.account().enter();
         let before = ThreadTotals::now();
         let poll = this.future.poll(cx);
-        tally.add_since(before);
+        recorder.tally.add_since(before);
+        drop(entered);
         let output = ready!(poll);
         let recorder = this.recorder.take().expect("checked above");
         Poll::Ready((output, recorder))

@@ -147,7 +147,7 @@ impl<S> JemallocService<S> {
         S::Future: Send + 'static,
         ReqBody: Send + 'static,
     {
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         if self.shared.shedding.active() {
             let shed = match &self.shared.guard.shed_when {
                 Some(shed_when) => shed_when(&parts),
@@ -167,20 +167,20 @@ impl<S> JemallocService<S> {
             return ResponseFuture::waiting(self.wait_for_inner(req));
         };
         let (account, method, route) = accounting.open(&parts);
-        // From here on the request's bytes count: the extensions the handler drops, and
-        // what the inner service's `call` does. The account itself is freed after the request
-        // is recorded, and the boxes below when the server drops the future: neither counts.
-        let before = ThreadTotals::now();
-        let mut tally = Tally::default();
-        parts.extensions.insert(account.clone());
+        // From here on the request's bytes count: what the inner service's `call` does. The
+        // account itself is freed after the request is recorded, and the box below when the
+        // server drops the future: neither counts.
         let req = Request::from_parts(parts, body);
+        let mut tally = Tally::default();
         if std::mem::take(&mut self.inner_ready) {
+            let entered = account.enter();
+            let before = ThreadTotals::now();
             let future = self.inner.call(req);
             tally.add_since(before);
+            drop(entered);
             let recorder = Recorder::new(account, method, route, tally);
             return ResponseFuture::accounted(future, recorder);
         }
-        tally.add_since(before);
         let recorder = Recorder::new(account, method, route, tally);
         ResponseFuture::accounted(self.inner_when_ready(req), recorder)
     }

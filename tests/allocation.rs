@@ -7,7 +7,7 @@ mod common;
 
 use axum::extract::MatchedPath;
 use axum::routing::get;
-use axum::{Extension, Router};
+use axum::Router;
 use bytes::Bytes;
 use common::client::{fetch, http1, http2};
 use common::{parse_exposition, request, send, Exposition};
@@ -258,7 +258,8 @@ async fn work_moved_to_spawn_blocking_counts_through_the_account() {
         )
         .route(
             "/carried",
-            get(|Extension(account): Extension<RequestAccount>| async move {
+            get(|| async move {
+                let account = RequestAccount::current().unwrap();
                 tokio::task::spawn_blocking(move || {
                     account.in_scope(|| drop(std::hint::black_box(vec![0u8; 8 << 20])))
                 })
@@ -269,9 +270,12 @@ async fn work_moved_to_spawn_blocking_counts_through_the_account() {
         )
         .route(
             "/spawned",
-            get(|Extension(account): Extension<RequestAccount>| async move {
+            get(|| async move {
+                let account = RequestAccount::current().unwrap();
                 let task = account.instrument(async {
                     tokio::task::yield_now().await;
+                    // Inside the instrumented task, the account is current too.
+                    assert!(RequestAccount::current().is_some());
                     drop(std::hint::black_box(vec![0u8; 8 << 20]));
                 });
                 tokio::spawn(task).await.unwrap();
@@ -489,8 +493,8 @@ async fn metrics_show_the_histogram_and_the_bytes_kept_with_http_attributes() {
 #[tokio::test]
 async fn off_by_default_no_account_and_no_families() {
     let layer = JemallocLayer::new();
-    let inner = service_fn(|req: Request<Full<Bytes>>| async move {
-        let has_account = req.extensions().get::<RequestAccount>().is_some();
+    let inner = service_fn(|_req: Request<Full<Bytes>>| async move {
+        let has_account = RequestAccount::current().is_some();
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
             has_account.to_string(),
         ))))
@@ -556,4 +560,31 @@ async fn the_stats_summary_names_the_top_routes() {
         .unwrap_or_else(|| panic!("{hints:?}"));
     assert!(keeping.starts_with("GET /keep kept 4.0 MiB"), "{keeping}");
     drop(kept);
+}
+
+/// The account is the thread's current one only while the request's code runs, and a panic
+/// in that code does not leave it behind.
+#[test]
+fn the_current_account_is_left_when_the_request_code_returns_or_panics() {
+    assert!(RequestAccount::current().is_none());
+    let layer = layer();
+    let inner = service_fn(|req: Request<Full<Bytes>>| {
+        assert!(RequestAccount::current().is_some(), "current inside call");
+        if req.uri().path() == "/panic" {
+            panic!("the inner service panics in call");
+        }
+        std::future::ready(Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())))
+    });
+    let mut service = layer.layer(inner);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(service.poll_ready(&mut cx).is_ready());
+    let future = service.call(request("GET", "/fine"));
+    assert!(RequestAccount::current().is_none());
+    drop(future);
+    assert!(service.poll_ready(&mut cx).is_ready());
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        service.call(request("GET", "/panic"))
+    }));
+    assert!(unwound.is_err());
+    assert!(RequestAccount::current().is_none());
 }

@@ -5,6 +5,7 @@ use super::ledger::{Ledger, SeriesKey, UNMATCHED};
 use crate::jemalloc::thread::ThreadTotals;
 use http::StatusCode;
 use pin_project_lite::pin_project;
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -44,11 +45,37 @@ impl Tally {
             .wrapping_add(now.freed.wrapping_sub(before.freed));
     }
 
+    /// Starts counting what the calling thread allocates and frees, until the guard drops
+    /// (when unwinding too). The reading is folded into the tally at once rather than held
+    /// across the work: nothing stays in registers across the poll the guard spans (2
+    /// instructions a poll less than holding it).
+    #[inline(always)]
+    pub(crate) fn open(&mut self) -> Measuring<'_> {
+        let now = ThreadTotals::now();
+        self.allocated = self.allocated.wrapping_sub(now.allocated);
+        self.freed = self.freed.wrapping_sub(now.freed);
+        Measuring { tally: self }
+    }
+
     /// Counts `bytes` as freed: data handed to the server, which frees it after writing it,
     /// outside any poll the layer sees.
     #[inline]
     pub(crate) fn hand_over(&mut self, bytes: u64) {
         self.freed = self.freed.wrapping_add(bytes);
+    }
+}
+
+/// A tally counting: see [`Tally::open`].
+pub(crate) struct Measuring<'a> {
+    tally: &'a mut Tally,
+}
+
+impl Drop for Measuring<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        let now = ThreadTotals::now();
+        self.tally.allocated = self.tally.allocated.wrapping_add(now.allocated);
+        self.tally.freed = self.tally.freed.wrapping_add(now.freed);
     }
 }
 
@@ -58,9 +85,9 @@ const NO_ROUTE: u32 = u32::MAX;
 /// The account of one forwarded request, while the layer counts the bytes each request
 /// allocates ([`per_route_allocation`](crate::JemallocLayerBuilder::per_route_allocation)).
 ///
-/// The layer puts it in the request's extensions, so that a handler can take it
-/// (`Extension<RequestAccount>` in axum, `request.extensions().get::<RequestAccount>()`
-/// anywhere) for two things:
+/// [`RequestAccount::current`] gives it to the code the request runs (the inner service's
+/// `call` and every poll of its future: the handler, and the middleware inside the layer),
+/// on whichever thread polls it, for two things:
 ///
 /// - **Work on other threads.** The layer counts what the threads polling the request's
 ///   future and body allocate, so work a handler moves to `spawn_blocking`, a thread pool or
@@ -72,16 +99,23 @@ const NO_ROUTE: u32 = u32::MAX;
 /// - **The route.** [`set_route`](Self::set_route) names the request's `http.route`;
 ///   [`RouteLayer`](crate::RouteLayer) does it for axum's matched route template.
 ///
-/// Cloning it is cheap (one reference count); it is `Send + Sync`.
+/// It is found through the thread rather than the request's extensions: inserting into them
+/// costs every request a map of its own (about 500 instructions, a fifth of the whole
+/// budget), and the thread is where the polls are. Cloning it is cheap (one reference
+/// count); it is `Send + Sync`.
 ///
 /// ```
 /// use tower_jemalloc::RequestAccount;
 ///
-/// async fn handler(account: RequestAccount) -> usize {
-///     let work = account.clone();
-///     tokio::task::spawn_blocking(move || work.in_scope(|| vec![0u8; 1 << 20].len()))
-///         .await
-///         .unwrap()
+/// async fn handler() -> usize {
+///     let account = RequestAccount::current();
+///     let work = || vec![0u8; 1 << 20].len();
+///     tokio::task::spawn_blocking(move || match account {
+///         Some(account) => account.in_scope(work),
+///         None => work(), // bytes per route are off
+///     })
+///     .await
+///     .unwrap()
 /// }
 /// # drop(handler);
 /// ```
@@ -118,6 +152,37 @@ impl RequestAccount {
         }
     }
 
+    /// The account of the request whose code is running on this thread: inside the inner
+    /// service's `call` or a poll of its future (and inside [`in_scope`](Self::in_scope) and
+    /// [`instrument`](Self::instrument)); `None` elsewhere, and when the layer does not count
+    /// bytes per route.
+    pub fn current() -> Option<RequestAccount> {
+        CURRENT.with(|current| {
+            let account = current.take();
+            current.set(account.clone());
+            account
+        })
+    }
+
+    /// Runs `f` with the current request's account, if there is one, without cloning it.
+    pub(crate) fn with_current<R>(f: impl FnOnce(&RequestAccount) -> R) -> Option<R> {
+        CURRENT.with(|current| {
+            let account = current.take();
+            let result = account.as_ref().map(f);
+            current.set(account);
+            result
+        })
+    }
+
+    /// Makes this account the thread's current one until the guard drops (which restores
+    /// the one before, even when unwinding).
+    #[inline]
+    pub(crate) fn enter(&self) -> Entered {
+        Entered {
+            previous: CURRENT.replace(Some(self.clone())),
+        }
+    }
+
     /// Names the request's route (`http.route`): a route template such as `/users/{id}`,
     /// never a raw path with ids in it. Past the layer's cap on distinct routes
     /// ([`max_routes`](crate::JemallocLayerBuilder::max_routes)) a new name is recorded as
@@ -131,7 +196,10 @@ impl RequestAccount {
     /// bytes: for work a handler moves to `spawn_blocking` or a thread of its own.
     pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
         let mut tally = Tally::default();
-        let result = tally.measure(f);
+        let result = {
+            let _entered = self.enter();
+            tally.measure(f)
+        };
         self.add(tally);
         result
     }
@@ -153,6 +221,23 @@ impl RequestAccount {
     }
 }
 
+thread_local! {
+    /// The account of the request whose code runs on this thread now.
+    static CURRENT: Cell<Option<RequestAccount>> = const { Cell::new(None) };
+}
+
+/// While alive, an account is the thread's current one: see [`RequestAccount::enter`].
+pub(crate) struct Entered {
+    previous: Option<RequestAccount>,
+}
+
+impl Drop for Entered {
+    #[inline]
+    fn drop(&mut self) {
+        let _ours = CURRENT.replace(self.previous.take());
+    }
+}
+
 pin_project! {
     /// A future whose polls count toward a request's bytes, from
     /// [`RequestAccount::instrument`].
@@ -170,7 +255,10 @@ impl<F: Future> Future for Instrumented<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let mut tally = Tally::default();
-        let poll = tally.measure(|| this.future.poll(cx));
+        let poll = {
+            let _entered = this.account.enter();
+            tally.measure(|| this.future.poll(cx))
+        };
         this.account.add(tally);
         poll
     }
@@ -231,6 +319,11 @@ impl Recorder {
             let id = state.ledger.route_id(&provisional);
             state.route.store(id, Relaxed);
         }
+    }
+
+    /// The request's account.
+    pub(crate) fn account(&self) -> &RequestAccount {
+        &self.account
     }
 
     /// The response body's drop is starting: what it frees from here on counts.

@@ -2,7 +2,6 @@
 //! [`ResponseFuture`](crate::ResponseFuture) itself).
 
 use super::account::Recorder;
-use crate::jemalloc::thread::ThreadTotals;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -45,9 +44,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
-        let before = ThreadTotals::now();
+        let measuring = this.recorder.tally.open();
         let poll = this.body.poll_frame(cx);
-        this.recorder.tally.add_since(before);
+        drop(measuring);
         if let Poll::Ready(Some(Ok(frame))) = &poll {
             // Data the server frees after writing it, outside any poll: counted as freed now,
             // when this body is its only owner (shared or static bytes are not freed then).

@@ -52,9 +52,9 @@ pub fn grpc_method(parts: &Parts) -> Option<&str> {
 /// # drop(app);
 /// ```
 ///
-/// The route goes to the request's [`RequestAccount`], which the outer
-/// [`JemallocLayer`](crate::JemallocLayer) put in its extensions: without one (the layer does
-/// not count bytes per route, or is not in front), this layer does nothing. A request that
+/// The route goes to the request's [`RequestAccount`], the thread's current one while the
+/// outer [`JemallocLayer`](crate::JemallocLayer) calls and polls the request: without one
+/// (the layer does not count bytes per route, or is not in front), this layer does nothing. A request that
 /// matched no route is not seen here and is recorded as
 /// [`UNMATCHED_ROUTE`](crate::UNMATCHED_ROUTE).
 #[derive(Clone)]
@@ -119,15 +119,15 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> S::Future {
-        if req.extensions().get::<RequestAccount>().is_none() {
+        // The request's account is the thread's current one: the layer's call and polls enter
+        // it, and a router calls the routes' services from them.
+        let counting = RequestAccount::with_current(|_| ()).is_some();
+        if !counting {
             return self.inner.call(req);
         }
         let (parts, body) = req.into_parts();
-        if let (Some(account), Some(route)) = (
-            parts.extensions.get::<RequestAccount>(),
-            (self.route)(&parts),
-        ) {
-            account.set_route(route);
+        if let Some(route) = (self.route)(&parts) {
+            RequestAccount::with_current(|account| account.set_route(route));
         }
         self.inner.call(Request::from_parts(parts, body))
     }
