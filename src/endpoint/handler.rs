@@ -43,6 +43,12 @@ pub(crate) trait Handler: Send + Sync + Sized + 'static {
     fn start(&self, params: &Self::Params) -> Result<Job<Self::Output>, Answer>;
     /// The answer for a finished job.
     fn answer(output: &Self::Output, params: &Self::Params) -> Answer;
+    /// The answer to a request the access rules refused (`refusal`: their 400, 401 or 403);
+    /// as it is unless the endpoint says more without giving anything away (the page's shell
+    /// that asks for the token).
+    fn refused(_parts: &Parts, refusal: Answer) -> Answer {
+        refusal
+    }
 }
 
 /// What the handlers are built from.
@@ -57,6 +63,8 @@ pub(crate) struct Context<'a> {
     /// The process's memory governor, and this layer's shedding switch.
     pub(crate) governor: &'a std::sync::Arc<crate::governor::Governor>,
     pub(crate) shedding: &'a std::sync::Weak<dyn crate::governor::HoldsShedding>,
+    /// The path of every endpoint the layer serves.
+    pub(crate) paths: &'a [(super::Endpoint, Box<str>)],
 }
 
 impl Context<'_> {
@@ -71,6 +79,8 @@ pub(crate) trait Respond: Send + Sync {
     /// Answers an admitted request whose `query` is checked; `endpoint` names it in the
     /// fallback answer.
     fn respond(&self, endpoint: &'static str, parts: &Parts, query: Query<'_>) -> Reply;
+    /// [`Handler::refused`].
+    fn refused(&self, parts: &Parts, refusal: Answer) -> Answer;
 }
 
 impl<H: Handler> Respond for H {
@@ -83,5 +93,9 @@ impl<H: Handler> Respond for H {
             Ok(job) => job.reply(endpoint, move |output| H::answer(output, &params)),
             Err(refusal) => Reply::Now(refusal),
         }
+    }
+
+    fn refused(&self, parts: &Parts, refusal: Answer) -> Answer {
+        H::refused(parts, refusal)
     }
 }
