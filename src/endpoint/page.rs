@@ -216,15 +216,10 @@ fn top_routes() -> Option<Vec<RouteRow>> {
     None
 }
 
-/// The figures shown first, in this order; every other figure of the table follows.
-const FIRST: [&str; 6] = [
-    "resident",
-    "dirty",
-    "allocated",
-    "active",
-    "muzzy",
-    "metadata",
-];
+/// The allocator figures shown first, before the process's RSS and the limit (the four the
+/// chart shows); then [`THEN`]; then every other figure of the table.
+const FIRST: [&str; 2] = ["resident", "dirty"];
+const THEN: [&str; 4] = ["allocated", "active", "muzzy", "metadata"];
 
 /// The endpoints whose paths the page's script calls.
 const CALLED: [Endpoint; 6] = [
@@ -440,8 +435,8 @@ impl PageData {
             name: "rss",
             label: "Process RSS".to_owned(),
             bytes: ProcessUsage::read().map(|usage| usage.resident),
-            meaning: "The process's resident memory as the kernel counts it: jemalloc's \
-                      resident, plus what is not jemalloc's (code, stacks, other allocators)."
+            meaning: "Resident memory as the kernel counts it: jemalloc's, plus code, \
+                      stacks and other allocators."
                 .to_owned(),
         });
         let limit = history::limit(governor);
@@ -451,22 +446,21 @@ impl PageData {
             bytes: limit,
             meaning: match (&setting, limit) {
                 (Some(setting), _) => format!(
-                    "The limit the memory governor keeps the process under ({}): it gives \
-                     cached pages back above 90 % of it.",
+                    "The memory_limit ({}): the governor gives cached pages back above \
+                     90 % of it.",
                     setting.source
                 ),
-                (None, Some(_)) => "The cgroup's memory.max: above it the kernel reclaims, \
-                                    then kills the process. No governor limit is set."
+                (None, Some(_)) => "The cgroup's limit: above it the kernel reclaims, then \
+                                    kills the process. No memory_limit is set."
                     .to_owned(),
-                (None, None) => "No limit: neither a governor limit (memory_limit) nor a \
-                                 cgroup limit is set."
-                    .to_owned(),
+                (None, None) => "None: no memory_limit is set, and no cgroup limit.".to_owned(),
             },
         });
+        figures.extend(THEN.iter().filter_map(|name| jemalloc(name)));
         figures.extend(
             FIGURES
                 .iter()
-                .filter(|figure| !FIRST.contains(&figure.name))
+                .filter(|figure| !FIRST.contains(&figure.name) && !THEN.contains(&figure.name))
                 .filter_map(|figure| jemalloc(figure.name)),
         );
         let profiling = match crate::jemalloc::profiling::status() {
@@ -508,6 +502,11 @@ impl PageData {
             profiling,
         }
     }
+}
+
+/// jemalloc's version without its build suffix: `5.3.1-0-g81034c…` → `5.3.1`.
+fn short_version(version: &str) -> &str {
+    version.split('-').next().unwrap_or(version)
 }
 
 /// A figure's name as a title: `resident` → `Resident`.
@@ -557,7 +556,7 @@ fn html(data: Option<&PageData>) -> String {
     page.push_str(HEAD);
     let mode = if data.is_some() { "figures" } else { "token" };
     let _ = write!(page, "<body data-page=\"{mode}\">");
-    let version = data.map_or(String::new(), |d| escape(&d.version));
+    let version = data.map_or(String::new(), |d| escape(short_version(&d.version)));
     let _ = write!(
         page,
         "<header><h1>Memory <small>jemalloc {version}</small></h1>\
@@ -690,7 +689,7 @@ h2{font-size:1.05rem;margin:1.2rem 0 .5rem}section{margin-bottom:.6rem}
 .card[data-figure=rss]{border-left:5px solid var(--rss)}.card[data-figure=limit]{border-left:5px solid var(--limit)}
 button{font:inherit;padding:.5rem .9rem;border-radius:6px;border:1px solid #1d4ed8;background:#2563eb;color:#fff;cursor:pointer}
 button.danger{background:#fff;color:#b91c1c;border-color:#b91c1c}button:disabled{opacity:.45;cursor:default}
-#actions{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.6rem .7rem;margin-top:.7rem}
+#actions{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.6rem .7rem;margin-top:.7rem;position:sticky;bottom:0;z-index:1;box-shadow:0 -2px 8px #0001}
 #actions h2{margin-top:0}#result{margin:.4rem 0 0;font-variant-numeric:tabular-nums}
 svg{width:100%;height:auto;background:var(--card);border:1px solid var(--line);border-radius:8px}
 .legend span{margin-right:1rem;font-size:.85rem}.legend i{display:inline-block;width:12px;height:3px;vertical-align:middle;margin-right:.3rem}
@@ -705,7 +704,7 @@ ul{padding-left:1.2rem}code{font-size:.85em}footer{padding:1rem;color:var(--mute
 );
 
 const ACTIONS: &str = r#"<section id="actions"><h2>Give memory back</h2><button id="gentle" type="button" disabled>Gentle purge</button> <button id="purge" type="button" class="danger" disabled>Purge…</button><p id="result" role="status"></p><p class="m">Gentle purge (<code>mode=decay</code>) returns the dirty pages whose decay time has passed; purge returns every unused page at once (it asks first). <noscript>The buttons need JavaScript; without it: <code>curl -X POST …/purge?mode=decay</code>.</noscript></p></section>
-<section id="chart-box"><h2>Last minutes</h2><svg id="chart" viewBox="0 0 600 220" role="img" aria-label="resident, dirty, RSS and limit over time"></svg><p class="legend"><span><i style="background:var(--res)"></i>resident</span><span><i style="background:var(--dirty)"></i>dirty</span><span><i style="background:var(--rss)"></i>RSS</span><span><i style="background:var(--limit)"></i>limit</span></p><noscript><p class="m">The chart needs JavaScript.</p></noscript></section>"#;
+<section id="chart-box"><h2>Last minutes</h2><svg id="chart" viewBox="0 0 600 190" role="img" aria-label="resident, dirty, RSS and limit over time"></svg><p class="legend"><span><i style="background:var(--res)"></i>resident</span><span><i style="background:var(--dirty)"></i>dirty</span><span><i style="background:var(--rss)"></i>RSS</span><span><i style="background:var(--limit)"></i>limit</span></p><noscript><p class="m">The chart needs JavaScript.</p></noscript></section>"#;
 
 const FORMS: &str = r#"<section id="settings-box"><h2>Run-time settings</h2><form id="config"><label><input type="checkbox" name="background_thread"> Background threads</label><label>Dirty decay (ms) <input name="dirty_decay_ms" inputmode="numeric"></label><label>Muzzy decay (ms) <input name="muzzy_decay_ms" inputmode="numeric"></label><label>Memory limit <input name="memory_limit" placeholder="320MiB, 90% or none"></label><button disabled>Apply</button><p id="config-result" class="m">Changes go through <code>PUT …/config</code>; only the fields you change are sent.</p></form></section>
 <section id="profiling-box"><h2>Heap profiling</h2><div id="profiling"><p class="m">Needs JavaScript and the <code>profiling</code> feature.</p></div><div id="flame"></div></section>
@@ -747,7 +746,7 @@ function svg(tag,attrs){const e=document.createElementNS($('#chart').namespaceUR
 function chart(d){const h=d.history,now=Object.fromEntries(d.figures.map(f=>[f.name,f.bytes||0]));
  const t=[...h.at_ms,d.at_ms],s={resident:[...h.resident,now.resident],dirty:[...h.dirty,now.dirty],rss:[...h.rss,now.rss],limit:[...h.limit,now.limit]};
  const top=Math.max(1,...s.resident,...s.dirty,...s.rss),lim=now.limit,showLimit=lim>0&&lim<=top*2,max=(showLimit?Math.max(top,lim):top)*1.08;
- const W=600,H=220,L=62,R=8,T=10,B=24,t0=t[0],span=Math.max(1,t[t.length-1]-t0);
+ const W=600,H=190,L=62,R=8,T=10,B=24,t0=t[0],span=Math.max(1,t[t.length-1]-t0);
  const x=v=>L+(v-t0)/span*(W-L-R),y=v=>T+(1-v/max)*(H-T-B),c=$('#chart');c.replaceChildren();
  for(const f of[0,.5,1]){const v=max*f;c.append(svg('line',{x1:L,x2:W-R,y1:y(v),y2:y(v),stroke:'#e5e7eb'}));const l=svg('text',{x:L-6,y:y(v)+4,'text-anchor':'end','font-size':11,fill:'#5d6878'});l.textContent=human(v);c.append(l)}
  const ago=svg('text',{x:L,y:H-6,'font-size':11,fill:'#5d6878'});ago.textContent=Math.round(span/60000*10)/10+' min ago';c.append(ago);
@@ -777,7 +776,7 @@ async function flame(){const b=await fetchBlob(path('heap')+'?format=flamegraph'
 function render(d){data=d;$('#token').hidden=true;document.body.dataset.page='figures';
  cards(d);section('hints','What the figures suggest',list('hints',d.hints,'Nothing stands out.'));
  section('governor','Memory governor',governor(d.governor));section('routes','Top routes',routes(d.routes));
- chart(d);$('#profiling').replaceWith(profiling(d));$('header small').textContent='jemalloc '+d.version;
+ chart(d);$('#profiling').replaceWith(profiling(d));$('header small').textContent='jemalloc '+d.version.split('-')[0];
  $('#gentle').disabled=$('#purge').disabled=!path('purge');$('#config button').disabled=!path('config');
  if(!configured&&path('config'))loadConfig()}
 async function refresh(){clearTimeout(timer);try{render(JSON.parse(await api('GET',self+'?format=json')));say('#status','Live: updated '+new Date().toLocaleTimeString()+', every 2 s.')}
