@@ -3,8 +3,8 @@
 //! every [`INTERVAL`], the last [`CAPACITY`] of them kept in a ring.
 //!
 //! One history per process, like the governor: made by the first layer that serves the page
-//! (when jemalloc is usable), shared by the others. One thread, `jemalloc-history`, takes the
-//! samples; it holds the history weakly and stops as soon as the last layer holding it is
+//! (when jemalloc is usable), shared by the others, with a first sample taken as it is made.
+//! One thread, `jemalloc-history`, takes the next ones; it holds the history weakly and stops as soon as the last layer holding it is
 //! dropped (that layer's drop wakes it).
 //!
 //! # Cost
@@ -114,6 +114,10 @@ impl History {
             governor: Arc::clone(governor),
             stop: Arc::default(),
         });
+        // The first sample now, so that a page served at once has one.
+        if let Some(sample) = Sample::read(governor) {
+            history.push(sample);
+        }
         let (weak, stop) = (Arc::downgrade(&history), Arc::clone(&history.stop));
         std::thread::Builder::new()
             .name(THREAD.to_owned())
@@ -145,24 +149,24 @@ impl Drop for History {
     }
 }
 
-/// The sampling thread: a sample, then a wait of [`INTERVAL`], until the history is dropped.
+/// The sampling thread: a wait of [`INTERVAL`], then a sample, until the history is dropped.
 fn run(history: &Weak<History>, stop: &Stop) {
     loop {
         {
-            let Some(history) = history.upgrade() else {
+            let stopped = lock(&stop.stopped);
+            let (stopped, _) = stop
+                .wake
+                .wait_timeout_while(stopped, INTERVAL, |stopped| !*stopped)
+                .unwrap_or_else(PoisonError::into_inner);
+            if *stopped {
                 return;
-            };
-            if let Some(sample) = Sample::read(&history.governor) {
-                history.push(sample);
             }
         }
-        let stopped = lock(&stop.stopped);
-        let (stopped, _) = stop
-            .wake
-            .wait_timeout_while(stopped, INTERVAL, |stopped| !*stopped)
-            .unwrap_or_else(PoisonError::into_inner);
-        if *stopped {
+        let Some(history) = history.upgrade() else {
             return;
+        };
+        if let Some(sample) = Sample::read(&history.governor) {
+            history.push(sample);
         }
     }
 }

@@ -15,6 +15,10 @@ static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::
 
 const PAGE: &str = "/debug/jemalloc/";
 
+/// The tests run one at a time: purges take one process-wide slot, and the history thread's
+/// test needs every layer of this binary gone.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn service(builder: JemallocLayerBuilder) -> JemallocService<Echo> {
     let (echo, _) = recording_echo();
     builder.build().unwrap().layer(echo)
@@ -101,6 +105,7 @@ fn references(html: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn the_page_is_one_self_contained_answer_with_its_figures() {
+    let _serial = SERIAL.lock().await;
     let mut service = open();
     let answer = send(&mut service, request("GET", PAGE)).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
@@ -201,6 +206,7 @@ async fn the_page_is_one_self_contained_answer_with_its_figures() {
 
 #[tokio::test]
 async fn a_polling_page_is_never_rate_limited() {
+    let _serial = SERIAL.lock().await;
     let mut service = service(
         JemallocLayer::builder()
             .allow_anonymous(Endpoint::Purge)
@@ -214,6 +220,7 @@ async fn a_polling_page_is_never_rate_limited() {
 
 #[tokio::test]
 async fn head_bad_parameters_and_methods() {
+    let _serial = SERIAL.lock().await;
     let mut service = open();
     let head = send(&mut service, request("HEAD", PAGE)).await;
     assert_eq!(head.status, StatusCode::OK);
@@ -237,6 +244,7 @@ async fn head_bad_parameters_and_methods() {
 
 #[tokio::test]
 async fn closed_until_an_access_rule_and_its_own_rule_wins() {
+    let _serial = SERIAL.lock().await;
     let mut closed = service(JemallocLayer::builder());
     let answer = send(&mut closed, request("GET", PAGE)).await;
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
@@ -274,6 +282,7 @@ async fn closed_until_an_access_rule_and_its_own_rule_wins() {
 
 #[tokio::test]
 async fn with_a_token_the_page_asks_for_it_and_shows_nothing_without() {
+    let _serial = SERIAL.lock().await;
     let mut service = service(JemallocLayer::builder().bearer_token(Endpoint::Purge, "s3cret"));
 
     // A browser's GET: 401 with the shell, which asks for the token and shows no figure.
@@ -334,7 +343,7 @@ async fn with_a_token_the_page_asks_for_it_and_shows_nothing_without() {
 
 #[tokio::test]
 async fn what_the_page_calls_keeps_its_cross_origin_protection() {
-    let _purges = PURGES.lock().await;
+    let _serial = SERIAL.lock().await;
     let mut service = open();
     let json = send(&mut service, request("GET", &format!("{PAGE}?format=json")))
         .await
@@ -373,11 +382,9 @@ async fn what_the_page_calls_keeps_its_cross_origin_protection() {
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
 }
 
-/// Purges take one process-wide slot.
-static PURGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[tokio::test]
 async fn a_moved_endpoint_is_called_where_it_is() {
+    let _serial = SERIAL.lock().await;
     let mut service = service(
         JemallocLayer::builder()
             .allow_anonymous(Endpoint::Purge)
@@ -392,4 +399,56 @@ async fn a_moved_endpoint_is_called_where_it_is() {
         serde_json::from_value(json["endpoints"].clone()).unwrap();
     assert_eq!(endpoints["purge"], "/admin/purge");
     assert!(!endpoints.contains_key("heap"));
+}
+
+/// Threads named `jemalloc-history` in this process (Linux keeps the first 15 bytes of a
+/// thread's name).
+fn history_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim_end() == &"jemalloc-history"[..15])
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until `count` threads are named `jemalloc-history`: a new thread names
+/// itself once it runs, and an ending one is gone once it has returned.
+async fn wait_for_history_threads(count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while history_threads() != count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} history threads, not {count}",
+            history_threads()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_history_thread_while_a_layer_serves_the_page() {
+    let _serial = SERIAL.lock().await;
+    let (mut first, second) = (open(), open());
+    wait_for_history_threads(1).await;
+    let json = send(&mut first, request("GET", &format!("{PAGE}?format=json")))
+        .await
+        .json();
+    assert!(
+        !json["history"]["at_ms"].as_array().unwrap().is_empty(),
+        "a first sample as the history starts"
+    );
+    assert_eq!(history_threads(), 1, "one per process, whatever the layers");
+    // The last layer's drop wakes the thread, which ends at once.
+    drop((first, second));
+    wait_for_history_threads(0).await;
+    // A layer without the page starts none.
+    let _off = service(
+        JemallocLayer::builder()
+            .allow_anonymous(Endpoint::Purge)
+            .without(Endpoint::Page),
+    );
+    assert_eq!(history_threads(), 0);
 }

@@ -781,7 +781,7 @@ function render(d){data=d;$('#token').hidden=true;document.body.dataset.page='fi
  $('#gentle').disabled=$('#purge').disabled=!path('purge');$('#config button').disabled=!path('config');
  if(!configured&&path('config'))loadConfig()}
 async function refresh(){clearTimeout(timer);try{render(JSON.parse(await api('GET',self+'?format=json')));say('#status','Live: updated '+new Date().toLocaleTimeString()+', every 2 s.')}
- catch(e){say('#status',e.message,true)}finally{if(token||document.body.dataset.page==='figures')timer=setTimeout(refresh,document.hidden?10000:2000)}}
+ catch(e){say('#status',e.message,true)}finally{if($('#token').hidden)timer=setTimeout(refresh,document.hidden?10000:2000)}}
 async function act(run,done){say('#result','…');try{const t=await run();let m=done;try{const j=JSON.parse(t);if(j.before&&j.after&&j.before.resident!=null)m+=': resident '+human(j.before.resident)+' → '+human(j.after.resident)+', dirty '+human(j.before.dirty)+' → '+human(j.after.dirty)}catch(_){}
  say('#result',m+'.');setTimeout(refresh,1100)}catch(e){say('#result',e.message,true)}}
 $('#gentle').addEventListener('click',()=>act(()=>api('POST',path('purge')+'?mode=decay'),'Gentle purge done'));
