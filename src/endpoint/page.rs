@@ -764,12 +764,12 @@ function profiling(d){const box=el('div',null,{id:'profiling'}),p=d.profiling,st
  box.append(el('p',st.active?'Sampling now'+(st.switches_off_in_seconds?', switches off in '+st.switches_off_in_seconds+' s':'')+'.':'Not sampling.'));
  const f=el('form',null,{id:'prof-form'}),i=el('input',null,{value:'5m',name:'for',size:5});const l=el('label','Profile for ');l.append(i);
  f.append(l,el('button',st.active?'Restart':'Start'),' ');const stop=el('button','Stop',{type:'button',class:'danger'});stop.disabled=!st.active;f.append(stop);
- f.addEventListener('submit',e=>{e.preventDefault();act(()=>api('PUT',path('profiling')+'?active=true&for='+encodeURIComponent(i.value.trim())),'Profiling on for '+i.value)});
- stop.addEventListener('click',()=>act(()=>api('PUT',path('profiling')+'?active=false'),'Profiling off'));
+ f.addEventListener('submit',e=>{e.preventDefault();act(()=>api('PUT',path('profiling')+'?active=true&for='+encodeURIComponent(i.value.trim())),'Profiling on for '+i.value,'#prof-result')});
+ stop.addEventListener('click',()=>act(()=>api('PUT',path('profiling')+'?active=false'),'Profiling off','#prof-result'));
  const dl=el('button','Download heap profile',{type:'button'}),fg=el('button','Show flame graph',{type:'button'});dl.disabled=fg.disabled=!st.active;
- dl.addEventListener('click',()=>blob(path('heap'),'heap.pb.gz').catch(e=>say('#result',e.message,true)));
- fg.addEventListener('click',()=>flame().catch(e=>say('#result',e.message,true)));
- box.append(f,el('p'),dl,' ',fg);return box}
+ dl.addEventListener('click',()=>blob(path('heap'),'heap.pb.gz').catch(e=>say('#prof-result',e.message,true)));
+ fg.addEventListener('click',()=>flame().catch(e=>say('#prof-result',e.message,true)));
+ box.append(f,el('p'),dl,' ',fg,el('p','',{id:'prof-result',role:'status'}));return box}
 async function fetchBlob(url){const h={};if(token)h.Authorization='Bearer '+token;const r=await fetch(url,{headers:h,cache:'no-store'});
  if(!r.ok)throw new Error(r.status+' '+(await r.text()).trim());return r.blob()}
 async function blob(url,name){const u=URL.createObjectURL(await fetchBlob(url)),a=el('a',null,{href:u,download:name});document.body.append(a);a.click();a.remove();setTimeout(()=>URL.revokeObjectURL(u),60000)}
@@ -782,8 +782,8 @@ function render(d){data=d;$('#token').hidden=true;document.body.dataset.page='fi
  if(!configured&&path('config'))loadConfig()}
 async function refresh(){clearTimeout(timer);try{render(JSON.parse(await api('GET',self+'?format=json')));say('#status','Live: updated '+new Date().toLocaleTimeString()+', every 2 s.')}
  catch(e){say('#status',e.message,true)}finally{if($('#token').hidden)timer=setTimeout(refresh,document.hidden?10000:2000)}}
-async function act(run,done){say('#result','…');try{const t=await run();let m=done;try{const j=JSON.parse(t);if(j.before&&j.after&&j.before.resident!=null)m+=': resident '+human(j.before.resident)+' → '+human(j.after.resident)+', dirty '+human(j.before.dirty)+' → '+human(j.after.dirty)}catch(_){}
- say('#result',m+'.');setTimeout(refresh,1100)}catch(e){say('#result',e.message,true)}}
+async function act(run,done,out){out=out||'#result';say(out,'…');try{const t=await run();let m=done;try{const j=JSON.parse(t);if(j.before&&j.after&&j.before.resident!=null)m+=': resident '+human(j.before.resident)+' → '+human(j.after.resident)+', dirty '+human(j.before.dirty)+' → '+human(j.after.dirty)}catch(_){}
+ say(out,m+'.');setTimeout(refresh,1100)}catch(e){say(out,e.message,true)}}
 $('#gentle').addEventListener('click',()=>act(()=>api('POST',path('purge')+'?mode=decay'),'Gentle purge done'));
 $('#purge').addEventListener('click',()=>{if(confirm('Purge returns every unused page to the operating system at once; allocations may slow down for a moment afterwards. Purge now?'))act(()=>api('POST',path('purge')),'Purge done')});
 async function loadConfig(){try{configured=JSON.parse(await api('GET',path('config')));const f=$('#config');f.background_thread.checked=!!configured.background_thread;
