@@ -625,27 +625,7 @@ fn html(data: Option<&PageData>) -> String {
             },
         );
         page.push_str("<section id=\"routes-box\"><h2>Top routes</h2><div id=\"routes\">");
-        match data.routes.as_deref() {
-            None | Some([]) => page.push_str(ROUTES_OFF),
-            Some(rows) => {
-                page.push_str(
-                    "<table><tr><th>Route</th><th>Requests</th><th>Allocated</th>\
-                     <th>Kept</th></tr>",
-                );
-                for row in rows {
-                    let _ = write!(
-                        page,
-                        "<tr><td>{} {}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                        escape(&row.method),
-                        escape(&row.route),
-                        row.requests,
-                        human(row.allocated_bytes),
-                        row.kept_bytes,
-                    );
-                }
-                page.push_str("</table>");
-            }
-        }
+        routes_table(&mut page, data.routes.as_deref());
         page.push_str("</div></section>");
     }
     page.push_str(FORMS);
@@ -664,6 +644,46 @@ fn html(data: Option<&PageData>) -> String {
     page.push_str(SCRIPT);
     page.push_str("</body></html>\n");
     page
+}
+
+/// The routes allocating the most (ten each), by bytes allocated and by bytes kept, as the
+/// page's script renders them too; or what to do while per-route figures are off.
+fn routes_table(page: &mut String, routes: Option<&[RouteRow]>) {
+    let rows = match routes {
+        None => return page.push_str(ROUTES_OFF),
+        Some([]) => return page.push_str("<p>No request counted yet.</p>"),
+        Some(rows) => rows,
+    };
+    let by_allocated = |row: &RouteRow| i128::from(row.allocated_bytes);
+    let by_kept = |row: &RouteRow| i128::from(row.kept_bytes);
+    for (title, key) in [
+        (
+            "By bytes allocated",
+            &by_allocated as &dyn Fn(&RouteRow) -> i128,
+        ),
+        ("By bytes kept", &by_kept),
+    ] {
+        let mut sorted: Vec<&RouteRow> = rows.iter().collect();
+        sorted.sort_by_key(|row| std::cmp::Reverse(key(row)));
+        let _ = write!(
+            page,
+            "<h3>{title}</h3><table><tr><th>Route</th><th>Requests</th><th>Allocated</th>\
+             <th>Kept</th></tr>"
+        );
+        for row in sorted.into_iter().take(10) {
+            let sign = if row.kept_bytes < 0 { "-" } else { "" };
+            let _ = write!(
+                page,
+                "<tr><td>{} {}</td><td>{}</td><td>{}</td><td>{sign}{}</td></tr>",
+                escape(&row.method),
+                escape(&row.route),
+                row.requests,
+                human(row.allocated_bytes),
+                human(row.kept_bytes.unsigned_abs()),
+            );
+        }
+        page.push_str("</table>");
+    }
 }
 
 /// What the page says while per-route figures are off.
@@ -900,6 +920,41 @@ mod tests {
             json.len(),
             shell().len()
         );
+    }
+
+    #[test]
+    fn routes_render_by_bytes_allocated_and_kept() {
+        let row = |route: &str, allocated_bytes, kept_bytes| RouteRow {
+            method: "GET".to_owned(),
+            route: route.to_owned(),
+            requests: 3,
+            allocated_bytes,
+            kept_bytes,
+        };
+        let mut data = full_page();
+        data.routes = Some(vec![
+            row("/small", 1024, 4096),
+            row("/big<script>", 10 << 20, -2048),
+        ]);
+        let html = html(Some(&data));
+        let tables = &html[html.find("id=\"routes\"").unwrap()..];
+        let tables = &tables[..tables.find("</section>").unwrap()];
+        let allocated = tables.find("By bytes allocated").unwrap();
+        let kept = tables.find("By bytes kept").unwrap();
+        let (first, second) = (&tables[allocated..kept], &tables[kept..]);
+        assert!(first.find("/big&lt;script&gt;").unwrap() < first.find("/small").unwrap());
+        assert!(second.find("/small").unwrap() < second.find("/big&lt;script&gt;").unwrap());
+        assert!(second.contains("-2.0 KiB"));
+        assert!(!tables.contains("Per-route figures are off"));
+
+        data.routes = Some(Vec::new());
+        assert!(html_of(&data).contains("No request counted yet."));
+        data.routes = None;
+        assert!(html_of(&data).contains("Per-route figures are off"));
+    }
+
+    fn html_of(data: &PageData) -> String {
+        html(Some(data))
     }
 
     #[test]
