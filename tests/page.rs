@@ -150,7 +150,25 @@ async fn the_page_is_one_self_contained_answer_with_its_figures() {
         assert!(names.contains(name), "{name} missing: {names:?}");
     }
     let embedded = embedded_json(html);
+    // The governor's figures after the cards.
+    let governor: Vec<_> = figures
+        .iter()
+        .skip(figures_of(&embedded).len())
+        .cloned()
+        .collect();
+    let figures: Vec<_> = figures[..figures.len() - governor.len()].to_vec();
     assert_eq!(figures, figures_of(&embedded));
+    let given_back = embedded["governor"]["given_back_bytes"].as_u64().unwrap();
+    let usage = embedded["governor"]["usage"]
+        .as_u64()
+        .map_or(String::new(), |usage| usage.to_string());
+    assert_eq!(
+        governor,
+        [
+            ("governor_usage".to_owned(), usage),
+            ("given_back".to_owned(), given_back.to_string())
+        ]
+    );
     let resident: u64 = figures
         .iter()
         .find(|(n, _)| n == "resident")

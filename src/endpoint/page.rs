@@ -14,7 +14,8 @@
 //!     `data-figure="<name>"` and `data-bytes="<bytes>"` (empty when not known) for scripts
 //!     and tests;
 //!   - the doctor's hints (the stats endpoint's summary, with the governor's), the memory
-//!     governor's state and what it gave back, and the top routes by bytes allocated and kept
+//!     governor's state and what it gave back (its usage and bytes given back with
+//!     `data-figure="governor_usage"` and `"given_back"`), and the top routes by bytes allocated and kept
 //!     (`routes`, `null` while per-route figures are off);
 //!   - with JavaScript: a chart of `resident`, `dirty`, RSS and the limit over the last six
 //!     minutes (the process's [`History`]), updated every 2 s; gentle purge and purge (after a
@@ -609,11 +610,25 @@ fn html(data: Option<&PageData>) -> String {
         let _ = write!(
             page,
             "<section id=\"governor-box\"><h2>Memory governor</h2><dl id=\"governor\">\
-             <dt>Limit</dt><dd>{limit}</dd><dt>Pressure</dt><dd>{pressure}</dd>\
-             <dt>Given back</dt><dd>{given} in {runs} runs</dd>\
+             <dt>Limit</dt><dd>{limit}</dd>\
+             <dt>Usage</dt><dd data-figure=\"governor_usage\" data-bytes=\"{usage_bytes}\">{usage}</dd>\
+             <dt>Pressure</dt><dd>{pressure}</dd>\
+             <dt>Given back</dt><dd data-figure=\"given_back\" data-bytes=\"{given_bytes}\">{given} in {runs} runs</dd>\
              <dt>Shedding</dt><dd>{shedding}</dd></dl></section>",
-            limit = g.limit.map_or("none (memory_limit)".to_owned(), human),
-            pressure = g.pressure,
+            limit = g.limit.map_or("none (memory_limit)".to_owned(), |limit| {
+                match g.limit_source {
+                    Some(source) => format!("{} ({})", human(limit), escape(source)),
+                    None => human(limit),
+                }
+            }),
+            usage_bytes = g.usage.map_or(String::new(), |usage| usage.to_string()),
+            usage = g.usage.map_or("none".to_owned(), human),
+            pressure = if g.unreclaimable {
+                format!("{}, nothing left to give back", g.pressure)
+            } else {
+                g.pressure.to_owned()
+            },
+            given_bytes = g.given_back_bytes,
             given = human(g.given_back_bytes),
             runs = g.runs,
             shedding = if g.shedding {
@@ -754,8 +769,8 @@ function list(id,items,empty){const ul=el('ul',null,{id});if(!items.length)ul.ap
 function section(id,title,body){let s=$('#'+id+'-box');if(!s){s=el('section',null,{id:id+'-box'});s.append(el('h2',title));$('#settings-box').before(s)}
  const old=$('#'+id);if(old)old.replaceWith(body);else s.append(body)}
 function governor(g){const dl=el('dl',null,{id:'governor'});
- const rows=[['Limit',g.limit==null?'none (memory_limit)':human(g.limit)+(g.limit_source?' ('+g.limit_source+')':'')],['Usage',human(g.usage)],['Pressure',g.pressure+(g.unreclaimable?', nothing left to give back':'')],['Given back',human(g.given_back_bytes)+' in '+g.runs+' runs'],['Shedding',g.shedding?'shedding now ('+g.shed+' shed)':g.shed_requests?'on, not shedding ('+g.shed+' shed)':'off']];
- for(const[k,v]of rows)dl.append(el('dt',k),el('dd',v));return dl}
+ const rows=[['Limit',g.limit==null?'none (memory_limit)':human(g.limit)+(g.limit_source?' ('+g.limit_source+')':'')],['Usage',human(g.usage),'governor_usage',g.usage],['Pressure',g.pressure+(g.unreclaimable?', nothing left to give back':'')],['Given back',human(g.given_back_bytes)+' in '+g.runs+' runs','given_back',g.given_back_bytes],['Shedding',g.shedding?'shedding now ('+g.shed+' shed)':g.shed_requests?'on, not shedding ('+g.shed+' shed)':'off']];
+ for(const[k,v,f,b]of rows)dl.append(el('dt',k),el('dd',v,f?{'data-figure':f,'data-bytes':b==null?'':String(b)}:{}));return dl}
 function routes(rows){const box=el('div',null,{id:'routes'});
  if(!Array.isArray(rows)||!rows.length){const p=el('p','Per-route figures are off: turn them on with the builder\'s ');p.append(el('code','per_route_allocation(true)'),' (README, "Which requests allocate").');
   if(Array.isArray(rows))p.textContent='No request counted yet.';box.append(p);return box}
