@@ -131,6 +131,11 @@ async fn main() {
     common::say(format_args!(
         "  curl -s -X POST 'http://{url}/demo/work?mib=64&ms=500'"
     ));
+    if let Some(page) = layer.path(tower_jemalloc::Endpoint::Page) {
+        common::say(format_args!(
+            "  open http://{url}{page} in a browser: the memory at a glance, a chart, purge"
+        ));
+    }
     common::say(format_args!("  {}", args.purge_command(bound)));
     common::say(format_args!("  {}", guard.rule()));
     common::say(format_args!("  {}", args.memory_summary()));

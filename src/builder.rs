@@ -31,8 +31,8 @@ const SCOPE_NAME: &str = "tower-jemalloc";
 impl JemallocLayer {
     /// A layer with the defaults: its own Prometheus registry, exporter and meter provider, no
     /// namespace (`jemalloc_allocated_bytes`, …), and every endpoint on its default path:
-    /// `/metrics` open, the debug endpoints (purge; stats, heap and profiling, which follow
-    /// purge's rules) closed (403) until an access rule is set with
+    /// `/metrics` open, the debug endpoints (purge; stats, config, heap, profiling and the
+    /// page, which follow purge's rules) closed (403) until an access rule is set with
     /// [`JemallocLayer::builder`].
     ///
     /// # Panics
@@ -218,8 +218,8 @@ impl JemallocLayerBuilder {
     /// presented token differs, so it cannot be guessed byte by byte. For `/metrics`, set the
     /// same token in Prometheus's scrape config (`authorization: {credentials: …}`).
     ///
-    /// Stats, config, heap and profiling follow purge's rules (token, predicate, anonymous,
-    /// or closed) until they are given a rule of their own.
+    /// Stats, config, heap, profiling and the page follow purge's rules (token, predicate,
+    /// anonymous, or closed) until they are given a rule of their own.
     pub fn bearer_token(mut self, endpoint: Endpoint, token: impl Into<String>) -> Self {
         self.endpoint(endpoint).token = Some(token.into());
         self
@@ -638,6 +638,10 @@ impl JemallocLayerBuilder {
             }
             (false, _) => None,
         };
+        let served: Vec<(Endpoint, Box<str>)> = paths
+            .iter()
+            .map(|(endpoint, path, _)| (*endpoint, path.clone()))
+            .collect();
         let layer = JemallocLayer::new_cyclic(|shared| {
             // The handlers and the telemetry reach the layer's shedding switch through its
             // shared state, weakly: the shared state holds them.
@@ -659,6 +663,7 @@ impl JemallocLayerBuilder {
                 governor: &governor,
                 shedding: &holder,
                 ledger: accounting.as_ref().map(|a| &a.ledger),
+                paths: &served,
             };
             let routes = paths
                 .into_iter()
@@ -926,7 +931,7 @@ mod tests {
         assert!(inherited.refusal(&parts(Some("Bearer p"))).is_none());
         let layer = builder.build().unwrap();
         let printed = format!("{layer:?}");
-        // Purge's token, and the copies stats, config, heap and profiling inherit.
-        assert_eq!(printed.matches("<redacted>").count(), 5, "{printed}");
+        // Purge's token, and the copies stats, config, heap, profiling and page inherit.
+        assert_eq!(printed.matches("<redacted>").count(), 6, "{printed}");
     }
 }

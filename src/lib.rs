@@ -50,8 +50,8 @@
 //! inner service must be `Clone + Send + 'static` for that, as axum's, tonic's and hyper's
 //! services are ([`JemallocService`] explains).
 //!
-//! `/metrics` is open; the debug endpoints (purge, stats, config, heap, profiling) answer 403
-//! until they have an access rule: a bearer token, a predicate, or an explicit
+//! `/metrics` is open; the debug endpoints (purge, stats, config, heap, profiling, the page)
+//! answer 403 until they have an access rule: a bearer token, a predicate, or an explicit
 //! [`allow_anonymous`](JemallocLayerBuilder::allow_anonymous). The builder configures every
 //! [`Endpoint`] the same way (path, switched off, access) and sets the purge cooldown and the
 //! stats and scrape bounds; see the README's Security section. No website can drive the
@@ -242,6 +242,9 @@ mod endpoint;
 
 // The memory governor: a limit, giving cached pages back by amount, and the pressure state.
 mod governor;
+
+// The process's memory over the last minutes, sampled for the page's chart.
+mod history;
 
 // The lower layers, which know nothing of HTTP: jemalloc itself, the operating system's view
 // of the process, and the OpenTelemetry instruments and Prometheus exposition built on both.

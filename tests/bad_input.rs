@@ -226,6 +226,22 @@ fn generated_requests_get_their_documented_answers() {
                 }
             }
             "/debug/jemalloc/stats" => Some(&[StatusCode::METHOD_NOT_ALLOWED]),
+            // The page, guarded like purge too.
+            "/debug/jemalloc/" if !get => Some(&[StatusCode::METHOD_NOT_ALLOWED]),
+            "/debug/jemalloc/" => {
+                if authorizations > 1 {
+                    Some(&[StatusCode::BAD_REQUEST])
+                } else if !authorized {
+                    Some(&[StatusCode::UNAUTHORIZED])
+                } else if !only("format") || repeated {
+                    Some(&[StatusCode::BAD_REQUEST])
+                } else {
+                    match param("format") {
+                        None | Some("json") | Some("html") => Some(&[StatusCode::OK]),
+                        Some(_) => Some(&[StatusCode::BAD_REQUEST]),
+                    }
+                }
+            }
             _ => None,
         };
         match expected {
@@ -234,6 +250,10 @@ fn generated_requests_get_their_documented_answers() {
                 prop_assert_eq!(after, before, "an intercepted request is not forwarded");
                 if answer.status == StatusCode::OK {
                     prop_assert_eq!(answer.body.is_empty(), method == Method::HEAD);
+                } else if answer.header("content-type") == Some("text/html; charset=utf-8") {
+                    // The page's shell, which asks a browser for the token: no figure in it.
+                    prop_assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+                    prop_assert!(!answer.text().contains("data-figure=\""));
                 } else {
                     let reason = answer.text();
                     prop_assert!(reason.ends_with('\n') && reason.lines().count() == 1, "one-line reason: {reason:?}");

@@ -86,6 +86,9 @@ async fn purge_answers_with_the_reason() {
         ("GET", "/debug/pprof/heap"),
         ("GET", "/debug/jemalloc/profiling"),
         ("PUT", "/debug/jemalloc/profiling?active=true"),
+        // The page, which shows jemalloc's figures, in either format.
+        ("GET", "/debug/jemalloc/"),
+        ("GET", "/debug/jemalloc/?format=json"),
     ] {
         let answer = send(&mut service, request(method, path)).await;
         assert_eq!(answer.status, status, "{method} {path}");

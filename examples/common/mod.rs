@@ -53,8 +53,8 @@ impl Args {
 
     /// A layer builder with the namespace and purge token from the command line.
     ///
-    /// The debug endpoints (purge, and stats, config, heap and profiling, which follow purge's
-    /// rules) are closed until they have an access rule. With a token they require it; without
+    /// The debug endpoints (purge, and stats, config, heap, profiling and the page, which
+    /// follow purge's rules) are closed until they have an access rule. With a token they require it; without
     /// one they are opened to anyone only when the example listens on a loopback address, where
     /// only this machine can reach them (and then answer only requests addressed to an IP or
     /// `localhost`, never a browser's cross-site write, so no website can use them through a

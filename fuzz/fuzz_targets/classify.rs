@@ -42,6 +42,7 @@ enum Endpointish<'a> {
     Config,
     Heap,
     Profiling,
+    Page,
     Prefixed(&'a str),
     Raw(&'a str),
 }
@@ -107,6 +108,7 @@ fuzz_target!(|input: Input<'_>| {
         Endpointish::Config => "/debug/jemalloc/config".to_owned(),
         Endpointish::Heap => "/debug/pprof/heap".to_owned(),
         Endpointish::Profiling => "/debug/jemalloc/profiling".to_owned(),
+        Endpointish::Page => "/debug/jemalloc/".to_owned(),
         Endpointish::Prefixed(rest) => format!("/metrics{rest}"),
         Endpointish::Raw(raw) => format!("/{raw}"),
     };
@@ -185,7 +187,14 @@ fuzz_target!(|input: Input<'_>| {
             StatusCode::UNAUTHORIZED,
             StatusCode::NOT_IMPLEMENTED,
         ]),
+        // The page: a 401 without the token (a browser's GET gets the shell as its body).
+        "/debug/jemalloc/" if method == Method::GET || method == Method::HEAD => Some(&[
+            StatusCode::OK,
+            StatusCode::BAD_REQUEST,
+            StatusCode::UNAUTHORIZED,
+        ]),
         "/metrics"
+        | "/debug/jemalloc/"
         | "/debug/jemalloc/purge"
         | "/debug/jemalloc/stats"
         | "/debug/jemalloc/config"

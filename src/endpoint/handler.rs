@@ -43,6 +43,12 @@ pub(crate) trait Handler: Send + Sync + Sized + 'static {
     fn start(&self, params: &Self::Params) -> Result<Job<Self::Output>, Answer>;
     /// The answer for a finished job.
     fn answer(output: &Self::Output, params: &Self::Params) -> Answer;
+    /// The answer to a request the access rules refused (`refusal`: their 400, 401 or 403);
+    /// as it is unless the endpoint says more without giving anything away (the page's shell
+    /// that asks for the token).
+    fn refused(_parts: &Parts, refusal: Answer) -> Answer {
+        refusal
+    }
 }
 
 /// What the handlers are built from.
@@ -59,6 +65,8 @@ pub(crate) struct Context<'a> {
     pub(crate) shedding: &'a std::sync::Weak<dyn crate::governor::HoldsShedding>,
     /// Bytes per route, when the layer counts them.
     pub(crate) ledger: Option<&'a std::sync::Arc<crate::accounting::ledger::Ledger>>,
+    /// The path of every endpoint the layer serves.
+    pub(crate) paths: &'a [(super::Endpoint, Box<str>)],
 }
 
 impl Context<'_> {
@@ -73,6 +81,8 @@ pub(crate) trait Respond: Send + Sync {
     /// Answers an admitted request whose `query` is checked; `endpoint` names it in the
     /// fallback answer.
     fn respond(&self, endpoint: &'static str, parts: &Parts, query: Query<'_>) -> Reply;
+    /// [`Handler::refused`].
+    fn refused(&self, parts: &Parts, refusal: Answer) -> Answer;
 }
 
 impl<H: Handler> Respond for H {
@@ -85,5 +95,9 @@ impl<H: Handler> Respond for H {
             Ok(job) => job.reply(endpoint, move |output| H::answer(output, &params)),
             Err(refusal) => Reply::Now(refusal),
         }
+    }
+
+    fn refused(&self, parts: &Parts, refusal: Answer) -> Answer {
+        H::refused(parts, refusal)
     }
 }

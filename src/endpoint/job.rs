@@ -77,12 +77,14 @@ pub(crate) enum JobKind {
     HeapGrowth,
     /// A purge.
     Purge,
+    /// Reading the figures for the page.
+    PageRead,
 }
 
 impl JobKind {
     /// Every kind, in the order of the `job` attribute's values in the docs.
     #[cfg(test)]
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::Render,
         Self::StatsDump,
         Self::ConfigRead,
@@ -90,6 +92,7 @@ impl JobKind {
         Self::HeapProfile,
         Self::HeapGrowth,
         Self::Purge,
+        Self::PageRead,
     ];
 
     /// Its `job` attribute.
@@ -102,6 +105,7 @@ impl JobKind {
             Self::HeapProfile => "heap_profile",
             Self::HeapGrowth => "heap_growth",
             Self::Purge => "purge",
+            Self::PageRead => "page_read",
         }
     }
 
@@ -115,6 +119,7 @@ impl JobKind {
             Self::HeapProfile => "the heap profile",
             Self::HeapGrowth => "the heap growth window",
             Self::Purge => "the purge",
+            Self::PageRead => "the page's read",
         }
     }
 
@@ -127,6 +132,7 @@ impl JobKind {
             Self::HeapProfile => "jemalloc-heap-profile",
             Self::HeapGrowth => "jemalloc-heap-growth",
             Self::Purge => "jemalloc-purge",
+            Self::PageRead => "jemalloc-page",
         }
     }
 
@@ -617,7 +623,7 @@ impl<T: Send + Sync + 'static> Drop for Landing<T> {
 ///   requests answered 503 because their job was past their deadline.
 ///
 /// `job` is one of `metrics_render`, `stats_dump`, `config_read`, `config_change`,
-/// `heap_profile`, `heap_growth`, `purge`; each series is at 0 from the start. A stuck metrics
+/// `heap_profile`, `heap_growth`, `purge`, `page_read`; each series is at 0 from the start. A stuck metrics
 /// render cannot report itself (the render is what reports), and neither can any collection
 /// of the same meter provider while an observable callback blocks: the timeouts counter tells
 /// afterwards, and a warning is logged when a job first goes past a deadline.

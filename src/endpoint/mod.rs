@@ -28,6 +28,7 @@ mod handler;
 mod heap;
 mod job;
 mod metrics;
+mod page;
 mod profiling;
 mod purge;
 mod query;
@@ -80,7 +81,7 @@ macro_rules! endpoints {
             pub const ALL: &'static [Endpoint] = &[$(Self::$variant),*];
 
             /// Its name in messages and errors: `"metrics"`, `"purge"`, `"stats"`, `"config"`,
-            /// `"heap"`, `"profiling"`.
+            /// `"heap"`, `"profiling"`, `"page"`.
             pub fn name(self) -> &'static str {
                 match self { $(Self::$variant => $name,)* }
             }
@@ -144,6 +145,9 @@ endpoints! {
     /// `GET|PUT /debug/jemalloc/profiling`: the heap profiler's state, and switching it.
     Profiling => "profiling", "/debug/jemalloc/profiling",
         profiling::Profiling, access from Purge;
+    /// `GET|HEAD /debug/jemalloc/`: a page for people, the figures at a glance, a chart of
+    /// the last minutes and the other endpoints' actions (JSON with `?format=json`).
+    Page => "page", "/debug/jemalloc/", page::Page, access from Purge;
 }
 
 impl fmt::Display for Endpoint {
@@ -190,7 +194,7 @@ impl Route {
             return Reply::Now(response::method_not_allowed(self.allow, &self.path));
         }
         if let Some(refusal) = self.access.refusal(parts) {
-            return Reply::Now(refusal);
+            return Reply::Now(self.handler.refused(parts, refusal));
         }
         match Query::check(parts.uri.query(), self.params, &self.path) {
             Ok(query) => self.handler.respond(self.endpoint.name(), parts, query),
