@@ -588,3 +588,57 @@ fn the_current_account_is_left_when_the_request_code_returns_or_panics() {
     assert!(unwound.is_err());
     assert!(RequestAccount::current().is_none());
 }
+
+/// An inner service that is not ready at first (a concurrency limit at its limit, say): the
+/// layer answers ready and the request waits for the inner service in its future. Its bytes
+/// are counted all the same, the inner service's `call` included.
+#[derive(Clone)]
+struct ReadyOnSecondPoll {
+    polled: bool,
+}
+
+impl tower::Service<Request<Full<Bytes>>> for ReadyOnSecondPoll {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        if std::mem::replace(&mut self.polled, true) {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, _req: Request<Full<Bytes>>) -> Self::Future {
+        assert!(
+            RequestAccount::current().is_some(),
+            "current inside a waited call"
+        );
+        let body = std::hint::black_box(vec![7u8; 1 << 20]);
+        std::future::ready(Ok(Response::new(Full::new(Bytes::from(body)))))
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_waits_for_the_inner_service_is_counted() {
+    let layer = layer();
+    let mut service = layer.layer(ReadyOnSecondPoll { polled: false });
+    let answer = send(&mut service, request("GET", "/waited")).await;
+    assert_eq!(answer.body.len(), 1 << 20);
+    let routes = layer.top_routes(10);
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    let one = 1u64 << 20;
+    assert!(
+        (one..=one + OVERHEAD).contains(&routes[0].allocated_bytes),
+        "{routes:?}"
+    );
+    // The body's data went to the client: handed over, not kept.
+    assert!(
+        routes[0].kept_bytes.unsigned_abs() <= OVERHEAD,
+        "{routes:?}"
+    );
+}
