@@ -642,3 +642,52 @@ async fn a_request_that_waits_for_the_inner_service_is_counted() {
         "{routes:?}"
     );
 }
+
+/// The page for people shows the top routes: in its JSON (`routes`) and in its HTML tables,
+/// and while bytes per route are off it says how to turn them on.
+#[tokio::test]
+async fn the_page_shows_the_top_routes() {
+    let layer = JemallocLayer::builder()
+        .per_route_allocation(true)
+        .allow_anonymous(tower_jemalloc::Endpoint::Purge)
+        .build()
+        .unwrap();
+    let kept = Arc::default();
+    let mut app = layer.layer(router(Arc::clone(&kept)));
+    send(&mut app, request("GET", "/keep")).await;
+    send(&mut app, request("GET", "/users/3")).await;
+    let json = send(
+        &mut app,
+        request("GET", "http://127.0.0.1/debug/jemalloc/?format=json"),
+    )
+    .await;
+    assert_eq!(json.status, StatusCode::OK, "{}", json.text());
+    let routes = json.json()["routes"].clone();
+    let keep = routes
+        .as_array()
+        .expect("routes while counting")
+        .iter()
+        .find(|row| row["route"] == "/keep")
+        .unwrap_or_else(|| panic!("{routes}"));
+    assert_eq!(keep["method"], "GET");
+    assert_eq!(keep["requests"], 1);
+    assert!(keep["kept_bytes"].as_i64().unwrap() >= EXPECTED as i64);
+    let html = send(&mut app, request("GET", "http://127.0.0.1/debug/jemalloc/")).await;
+    assert!(html.text().contains("GET /keep"), "{}", html.text());
+    assert!(html.text().contains("GET /users/{id}"));
+    drop(kept);
+
+    let off = JemallocLayer::builder()
+        .allow_anonymous(tower_jemalloc::Endpoint::Purge)
+        .build()
+        .unwrap();
+    let mut app = off.layer(router(Arc::default()));
+    let json = send(
+        &mut app,
+        request("GET", "http://127.0.0.1/debug/jemalloc/?format=json"),
+    )
+    .await;
+    assert!(json.json()["routes"].is_null());
+    let html = send(&mut app, request("GET", "http://127.0.0.1/debug/jemalloc/")).await;
+    assert!(html.text().contains("per_route_allocation(true)"));
+}
