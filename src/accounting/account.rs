@@ -2,7 +2,7 @@
 //! work it handed to other threads brought in, and its route.
 
 use super::ledger::{Ledger, SeriesKey, UNMATCHED};
-use crate::jemalloc::thread::ThreadTotals;
+use crate::jemalloc::thread::{ThreadTotals, UNKNOWN};
 use http::StatusCode;
 use pin_project_lite::pin_project;
 use std::cell::Cell;
@@ -46,15 +46,19 @@ impl Tally {
     }
 
     /// Starts counting what the calling thread allocates and frees, until the guard drops
-    /// (when unwinding too). The reading is folded into the tally at once rather than held
-    /// across the work: nothing stays in registers across the poll the guard spans (2
-    /// instructions a poll less than holding it).
+    /// (when unwinding too); `None` on a thread that has not read its totals yet (call
+    /// [`ThreadTotals::now`] once, out of line, then again). The reading is folded into the
+    /// tally at once rather than held across the work, and this makes no call: nothing
+    /// stays in registers across the poll the guard spans.
     #[inline(always)]
-    pub(crate) fn open(&mut self) -> Measuring<'_> {
-        let now = ThreadTotals::now();
+    pub(crate) fn open(&mut self) -> Option<Measuring<'_>> {
+        let now = ThreadTotals::known();
+        if now.allocated == UNKNOWN {
+            return None;
+        }
         self.allocated = self.allocated.wrapping_sub(now.allocated);
         self.freed = self.freed.wrapping_sub(now.freed);
-        Measuring { tally: self }
+        Some(Measuring { tally: self })
     }
 
     /// Counts `bytes` as freed: data handed to the server, which frees it after writing it,

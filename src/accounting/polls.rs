@@ -2,6 +2,7 @@
 //! [`ResponseFuture`](crate::ResponseFuture) itself).
 
 use super::account::Recorder;
+use crate::jemalloc::thread::{ThreadTotals, UNKNOWN};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -32,6 +33,24 @@ impl<B> AccountedBody<B> {
     }
 }
 
+impl<B: Body<Data = Bytes>> AccountedBody<B> {
+    /// A poll on a thread that has not read its totals yet: reads them, out of line, then
+    /// polls as usual (uncounted where they cannot be had: the figures are zeros there, and
+    /// that was logged).
+    #[cold]
+    #[inline(never)]
+    fn first_poll_on_thread(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let _ = ThreadTotals::now();
+        if ThreadTotals::known().allocated == UNKNOWN {
+            return self.project().body.poll_frame(cx);
+        }
+        self.poll_frame(cx)
+    }
+}
+
 impl<B> Body for AccountedBody<B>
 where
     B: Body<Data = Bytes>,
@@ -40,11 +59,13 @@ where
     type Error = B::Error;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let measuring = this.recorder.tally.open();
+        let this = self.as_mut().project();
+        let Some(measuring) = this.recorder.tally.open() else {
+            return self.first_poll_on_thread(cx);
+        };
         let poll = this.body.poll_frame(cx);
         drop(measuring);
         if let Poll::Ready(Some(Ok(frame))) = &poll {

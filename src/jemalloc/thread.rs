@@ -21,7 +21,19 @@ impl ThreadTotals {
     pub(crate) fn now() -> Self {
         imp::now()
     }
+
+    /// The calling thread's totals if it knows its pointers already, [`UNKNOWN`] otherwise
+    /// (its first reading: call [`now`](Self::now) then). Never calls anything, so that a
+    /// caller reading around a poll saves no register for a call it does not make.
+    #[inline(always)]
+    pub(crate) fn known() -> Self {
+        imp::known()
+    }
 }
+
+/// [`ThreadTotals::known`] on a thread whose pointers are not known yet: no thread allocates
+/// 2^64 - 1 bytes.
+pub(crate) const UNKNOWN: u64 = u64::MAX;
 
 #[cfg(jemalloc)]
 mod imp {
@@ -45,6 +57,20 @@ mod imp {
                 freed: freed.get(),
             },
             None => not_read(),
+        })
+    }
+
+    #[inline(always)]
+    pub(super) fn known() -> ThreadTotals {
+        POINTERS.with(|pointers| match pointers.get() {
+            Some((allocated, freed)) => ThreadTotals {
+                allocated: allocated.get(),
+                freed: freed.get(),
+            },
+            None => ThreadTotals {
+                allocated: super::UNKNOWN,
+                freed: 0,
+            },
         })
     }
 
@@ -89,6 +115,11 @@ mod imp {
 
     #[inline(always)]
     pub(super) fn now() -> ThreadTotals {
+        ThreadTotals::default()
+    }
+
+    #[inline(always)]
+    pub(super) fn known() -> ThreadTotals {
         ThreadTotals::default()
     }
 }
