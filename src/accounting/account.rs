@@ -2,7 +2,7 @@
 //! work it handed to other threads brought in, and its route.
 
 use super::ledger::{Ledger, SeriesKey, UNMATCHED};
-use crate::jemalloc::thread::{ThreadTotals, UNKNOWN};
+use crate::jemalloc::thread::ThreadTotals;
 use http::StatusCode;
 use pin_project_lite::pin_project;
 use std::cell::Cell;
@@ -52,10 +52,11 @@ impl Tally {
     /// stays in registers across the poll the guard spans.
     #[inline(always)]
     pub(crate) fn open(&mut self) -> Option<Measuring<'_>> {
-        let now = ThreadTotals::known();
-        if now.allocated == UNKNOWN {
+        let reading = ThreadTotals::known();
+        if reading.known == 0 {
             return None;
         }
+        let now = reading.totals;
         self.allocated = self.allocated.wrapping_sub(now.allocated);
         self.freed = self.freed.wrapping_sub(now.freed);
         Some(Measuring { tally: self })

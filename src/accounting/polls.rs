@@ -2,7 +2,7 @@
 //! [`ResponseFuture`](crate::ResponseFuture) itself).
 
 use super::account::Recorder;
-use crate::jemalloc::thread::{ThreadTotals, UNKNOWN};
+use crate::jemalloc::thread::ThreadTotals;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -44,7 +44,7 @@ impl<B: Body<Data = Bytes>> AccountedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let _ = ThreadTotals::now();
-        if ThreadTotals::known().allocated == UNKNOWN {
+        if ThreadTotals::known().known == 0 {
             return self.project().body.poll_frame(cx);
         }
         self.poll_frame(cx)
