@@ -21,10 +21,12 @@ pub(crate) struct Tally {
 
 impl Tally {
     /// Runs `f`, counting what the calling thread allocates and frees meanwhile: two readings
-    /// of the thread's totals, two plain loads each. The request's own polls read the totals
-    /// around the poll instead ([`ThreadTotals::now`], then [`add_since`](Self::add_since)):
-    /// through this closure the compiler moved each poll's result once more (14 instructions
-    /// for a body's frame, as many as the readings themselves).
+    /// of the thread's totals, two plain loads each. For work handed to other threads
+    /// ([`RequestAccount::in_scope`], [`Instrumented`]). The request's own polls read the
+    /// totals around the poll instead: its future with [`ThreadTotals::now`] and
+    /// [`add_since`](Self::add_since), its body, polled many times, with
+    /// [`open`](Self::open). Through this closure the compiler moved each poll's result once
+    /// more (14 instructions for a body's frame, as many as the readings themselves).
     #[inline(always)]
     pub(crate) fn measure<R>(&mut self, f: impl FnOnce() -> R) -> R {
         let before = ThreadTotals::now();
