@@ -224,8 +224,7 @@ impl Ledger {
     /// bytes kept.
     pub(crate) fn record(&self, key: SeriesKey, allocated: u64, freed: u64) {
         let series = self.series(key);
-        // Outside the ledger's lock: the SDK takes its own locks, and a collection calls back
-        // into the ledger with them held.
+        // Outside the ledger's lock, as every call into the SDK is.
         series.allocated_histogram.record(allocated);
         series.requests.fetch_add(1, Relaxed);
         series.allocated.fetch_add(allocated, Relaxed);
@@ -237,29 +236,33 @@ impl Ledger {
         if let Some(series) = self.read().series.get(&key.packed()) {
             return Arc::clone(series);
         }
+        // A new series: its attributes built and the histogram bound to them outside the
+        // ledger's lock, as every call into the SDK is (a collection calls back into the
+        // ledger). Two requests racing here bind twice; the second binding is dropped.
+        let route = self.read().names[key.route as usize].to_string();
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", METHODS[usize::from(key.method)]),
+            KeyValue::new("http.route", route),
+        ];
+        if key.status != 0 {
+            attributes.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(key.status),
+            ));
+        }
+        let series = Series {
+            allocated_histogram: self.instruments.bind(&attributes),
+            attributes,
+            requests: AtomicU64::new(0),
+            allocated: AtomicU64::new(0),
+            kept: AtomicI64::new(0),
+        };
         let mut book = self.write();
-        let route = book.names[key.route as usize].to_string();
-        let instruments = &self.instruments;
-        let series = book.series.entry(key.packed()).or_insert_with(|| {
-            let mut attributes = vec![
-                KeyValue::new("http.request.method", METHODS[usize::from(key.method)]),
-                KeyValue::new("http.route", route),
-            ];
-            if key.status != 0 {
-                attributes.push(KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(key.status),
-                ));
-            }
-            Arc::new(Series {
-                allocated_histogram: instruments.bind(&attributes),
-                attributes,
-                requests: AtomicU64::new(0),
-                allocated: AtomicU64::new(0),
-                kept: AtomicI64::new(0),
-            })
-        });
-        Arc::clone(series)
+        Arc::clone(
+            book.series
+                .entry(key.packed())
+                .or_insert_with(|| Arc::new(series)),
+        )
     }
 
     /// The `n` routes (with their method) that allocated the most, with what they kept.
