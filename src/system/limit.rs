@@ -208,6 +208,19 @@ mod tests {
         );
     }
 
+    /// No cgroup limit binds under `root`: the limit is physical memory (the fake 8,000,000
+    /// kB of `MemTotal`) and the usage is the process's RSS.
+    fn assert_physical_memory_and_rss(root: &FakeRoot) {
+        assert_eq!(
+            detect_limit_in(&root.0),
+            Some(DetectedLimit {
+                bytes: 8_000_000 * 1024,
+                source: LimitSource::PhysicalMemory
+            })
+        );
+        assert_process_usage(memory_usage_in(&root.0));
+    }
+
     fn v2(root: &FakeRoot, max: &str, current: &str) {
         root.write("proc/self/cgroup", "0::/app.slice/app.service\n")
             .write("proc/self/mountinfo", V2_MOUNTS)
@@ -243,14 +256,7 @@ mod tests {
     fn cgroup_v2_max_falls_back_to_physical_memory_and_rss() {
         let root = fake("limit-v2-max");
         v2(&root, "max\n", "104857600\n");
-        assert_eq!(
-            detect_limit_in(&root.0),
-            Some(DetectedLimit {
-                bytes: 8_000_000 * 1024,
-                source: LimitSource::PhysicalMemory
-            })
-        );
-        assert_process_usage(memory_usage_in(&root.0));
+        assert_physical_memory_and_rss(&root);
         assert_eq!(LimitSource::PhysicalMemory.as_str(), "physical memory");
     }
 
@@ -345,27 +351,13 @@ mod tests {
     fn a_cgroup_limit_above_physical_memory_does_not_bind() {
         let root = fake("limit-above-ram");
         v2(&root, "17179869184\n", "1\n");
-        assert_eq!(
-            detect_limit_in(&root.0),
-            Some(DetectedLimit {
-                bytes: 8_000_000 * 1024,
-                source: LimitSource::PhysicalMemory
-            })
-        );
-        assert_process_usage(memory_usage_in(&root.0));
+        assert_physical_memory_and_rss(&root);
     }
 
     #[test]
     fn without_a_cgroup_physical_memory_and_rss() {
         let root = fake("limit-none");
-        assert_eq!(
-            detect_limit_in(&root.0),
-            Some(DetectedLimit {
-                bytes: 8_000_000 * 1024,
-                source: LimitSource::PhysicalMemory
-            })
-        );
-        assert_process_usage(memory_usage_in(&root.0));
+        assert_physical_memory_and_rss(&root);
         // Nothing readable at all.
         let empty = FakeRoot::new("limit-empty");
         assert_eq!(detect_limit_in(&empty.0), None);
