@@ -23,22 +23,12 @@ static GLOBAL: tower_jemalloc::allocator::Jemalloc = tower_jemalloc::allocator::
 /// The tests of this file count render threads: they take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Linux shows the first 15 bytes of a thread's name: `jemalloc-metrics` is this.
+/// The thread `/metrics` renders on.
 #[cfg(target_os = "linux")]
-const RENDER_THREAD: &str = "jemalloc-metric";
+const RENDER_THREAD: &str = "jemalloc-metrics";
 
 /// An upper bound for "does not hang", far above every deadline in this file.
 const HANG: Duration = Duration::from_secs(30);
-
-/// The number of this process's threads named `name`.
-#[cfg(target_os = "linux")]
-fn threads_named(name: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim_end() == name)
-        .count()
-}
 
 /// A layer whose provider has an application gauge whose callback waits for `lock`.
 fn blocked_by(

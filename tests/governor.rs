@@ -68,19 +68,6 @@ async fn usage(service: &mut JemallocService<Echo>) -> f64 {
         .expect("usage is exported")
 }
 
-/// Threads named `jemalloc-governor` in this process (Linux keeps the first 15 bytes of a
-/// thread's name: `jemalloc-govern`).
-fn governor_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-                .filter(|comm| comm.trim_end() == &"jemalloc-governor"[..15])
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dirty_pages_above_the_mark_are_given_back_without_a_purge_call() {
     let _serial = SERIAL.lock().await;
@@ -165,7 +152,7 @@ async fn the_limit_is_set_and_cleared_at_run_time() {
     assert_eq!(config["memory_limit_source"], serde_json::Value::Null);
     assert_eq!(config["shed_requests"], false);
     eventually("no governor thread while no limit is set", || async {
-        (governor_threads() == 0).then_some(())
+        (threads_named("jemalloc-governor") == 0).then_some(())
     })
     .await;
 
@@ -178,7 +165,7 @@ async fn the_limit_is_set_and_cleared_at_run_time() {
     assert_eq!(config, update["after"]);
     assert_eq!(config["memory_limit_source"], "explicit");
     eventually("the governor thread to start", || async {
-        (governor_threads() == 1).then_some(())
+        (threads_named("jemalloc-governor") == 1).then_some(())
     })
     .await;
     let exposition = metrics(&mut service).await;
@@ -241,7 +228,7 @@ async fn the_limit_is_set_and_cleared_at_run_time() {
         None
     );
     eventually("the governor thread to stop", || async {
-        (governor_threads() == 0).then_some(())
+        (threads_named("jemalloc-governor") == 0).then_some(())
     })
     .await;
 
@@ -250,13 +237,13 @@ async fn the_limit_is_set_and_cleared_at_run_time() {
     let (layer, service) = layered(JemallocLayer::builder().memory_limit("8GiB".parse().unwrap()));
     // The thread names itself once it runs.
     eventually("the governor thread to start", || async {
-        (governor_threads() == 1).then_some(())
+        (threads_named("jemalloc-governor") == 1).then_some(())
     })
     .await;
     drop((layer, service));
     eventually(
         "the governor thread to stop with its last layer",
-        || async { (governor_threads() == 0).then_some(()) },
+        || async { (threads_named("jemalloc-governor") == 0).then_some(()) },
     )
     .await;
 }

@@ -419,28 +419,15 @@ async fn a_moved_endpoint_is_called_where_it_is() {
     assert!(!endpoints.contains_key("heap"));
 }
 
-/// Threads named `jemalloc-history` in this process (Linux keeps the first 15 bytes of a
-/// thread's name).
-fn history_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-                .filter(|comm| comm.trim_end() == &"jemalloc-history"[..15])
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// Waits (bounded) until `count` threads are named `jemalloc-history`: a new thread names
 /// itself once it runs, and an ending one is gone once it has returned.
 async fn wait_for_history_threads(count: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while history_threads() != count {
+    while threads_named("jemalloc-history") != count {
         assert!(
             std::time::Instant::now() < deadline,
             "{} history threads, not {count}",
-            history_threads()
+            threads_named("jemalloc-history")
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
@@ -458,7 +445,11 @@ async fn one_history_thread_while_a_layer_serves_the_page() {
         !json["history"]["at_ms"].as_array().unwrap().is_empty(),
         "a first sample as the history starts"
     );
-    assert_eq!(history_threads(), 1, "one per process, whatever the layers");
+    assert_eq!(
+        threads_named("jemalloc-history"),
+        1,
+        "one per process, whatever the layers"
+    );
     // The last layer's drop wakes the thread, which ends at once.
     drop((first, second));
     wait_for_history_threads(0).await;
@@ -468,5 +459,5 @@ async fn one_history_thread_while_a_layer_serves_the_page() {
             .allow_anonymous(Endpoint::Purge)
             .without(Endpoint::Page),
     );
-    assert_eq!(history_threads(), 0);
+    assert_eq!(threads_named("jemalloc-history"), 0);
 }

@@ -538,17 +538,6 @@ mod with_the_feature {
         drop((held, grown));
     }
 
-    /// The growth windows' threads of this process (Linux shows the first 15 bytes of
-    /// `jemalloc-heap-growth`).
-    #[cfg(target_os = "linux")]
-    fn growth_threads() -> usize {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .filter(|comm| comm.trim_end() == "jemalloc-heap-g")
-            .count()
-    }
-
     #[tokio::test]
     async fn a_hung_up_growth_window_frees_its_slot_at_once() {
         let mut service = layer(JemallocLayer::builder());
@@ -577,7 +566,7 @@ mod with_the_feature {
         #[cfg(target_os = "linux")]
         {
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while growth_threads() > 0 {
+            while threads_named("jemalloc-heap-growth") > 0 {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "an abandoned growth window still runs"

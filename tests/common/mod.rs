@@ -106,6 +106,17 @@ where
     }
 }
 
+/// The number of this process's threads named `name`. Linux keeps the first 15 bytes of a
+/// thread's name (`jemalloc-governor` is listed as `jemalloc-govern`): so does this.
+pub fn threads_named(name: &str) -> usize {
+    let shown = &name[..name.len().min(15)];
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task lists this process's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == shown)
+        .count()
+}
+
 /// A request with an empty body.
 pub fn request(method: &str, uri: &str) -> Request<Full<Bytes>> {
     Request::builder()
