@@ -171,16 +171,6 @@ impl RequestAccount {
         })
     }
 
-    /// Runs `f` with the current request's account, if there is one, without cloning it.
-    pub(crate) fn with_current<R>(f: impl FnOnce(&RequestAccount) -> R) -> Option<R> {
-        CURRENT.with(|current| {
-            let account = current.take();
-            let result = account.as_ref().map(f);
-            current.set(account);
-            result
-        })
-    }
-
     /// Makes this account the thread's current one until the guard drops (which restores
     /// the one before, even when unwinding).
     #[inline]

@@ -121,13 +121,12 @@ where
     fn call(&mut self, req: Request<B>) -> S::Future {
         // The request's account is the thread's current one: the layer's call and polls enter
         // it, and a router calls the routes' services from them.
-        let counting = RequestAccount::with_current(|_| ()).is_some();
-        if !counting {
+        let Some(account) = RequestAccount::current() else {
             return self.inner.call(req);
-        }
+        };
         let (parts, body) = req.into_parts();
         if let Some(route) = (self.route)(&parts) {
-            RequestAccount::with_current(|account| account.set_route(route));
+            account.set_route(route);
         }
         self.inner.call(Request::from_parts(parts, body))
     }
