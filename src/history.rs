@@ -185,13 +185,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_ring_keeps_the_last_samples() {
-        let history = History {
+    /// A history without samples and without its thread.
+    fn empty() -> History {
+        History {
             samples: Mutex::new(VecDeque::new()),
             governor: Governor::process(),
             stop: Arc::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_last_samples() {
+        let history = empty();
         for at in 0..CAPACITY as u64 + 5 {
             history.push(sample(at));
         }
@@ -204,11 +209,7 @@ mod tests {
 
     #[test]
     fn dropping_the_history_stops_its_thread() {
-        let history = History {
-            samples: Mutex::new(VecDeque::new()),
-            governor: Governor::process(),
-            stop: Arc::default(),
-        };
+        let history = empty();
         let stop = Arc::clone(&history.stop);
         let weak = Arc::downgrade(&Arc::new(history));
         // The history is gone: the thread returns at once instead of waiting.
